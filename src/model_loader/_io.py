@@ -1,0 +1,136 @@
+"""File helpers shared by the cache and the sources: streaming hash-while-write, fsync,
+free-space checks, safe relative paths and include/exclude filters."""
+
+from __future__ import annotations
+
+import errno
+import fnmatch
+import hashlib
+import os
+import shutil
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import BinaryIO
+
+from model_loader.errors import CacheError, IntegrityError
+
+__all__ = [
+    "CHUNK_SIZE",
+    "check_free_space",
+    "copy_file",
+    "fsync_dir",
+    "hash_file",
+    "is_selected",
+    "safe_relpath",
+    "write_chunks",
+    "write_stream",
+]
+
+CHUNK_SIZE = 1024 * 1024
+
+
+def safe_relpath(path: str) -> str:
+    """Validate a relative POSIX path that must stay inside its destination.
+
+    Raises:
+        IntegrityError: The path is absolute, contains ``..``, ``.``, backslashes, NUL,
+            or empty segments.
+    """
+    if (
+        not path
+        or path.startswith("/")
+        or "\\" in path
+        or "\0" in path
+        or (len(path) > 1 and path[1] == ":")
+        or any(seg in ("", ".", "..") for seg in path.split("/"))
+    ):
+        raise IntegrityError(f"unsafe file path {path!r}: it would escape the model directory or is malformed")
+    return path
+
+
+def is_selected(path: str, include: Sequence[str], exclude: Sequence[str]) -> bool:
+    """Whether ``path`` passes the include/exclude globs (``fnmatch``; ``*`` crosses ``/``)."""
+    if include and not any(fnmatch.fnmatchcase(path, pat) for pat in include):
+        return False
+    return not any(fnmatch.fnmatchcase(path, pat) for pat in exclude)
+
+
+def _translate_oserror(exc: OSError, dest: Path) -> Exception:
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+        return CacheError(f"no space left while writing {dest}: {exc.strerror}")
+    return exc
+
+
+def write_chunks(chunks: Iterable[bytes], dest: Path, *, fsync: bool = True) -> tuple[int, str]:
+    """Write ``chunks`` to a new file ``dest``, hashing as it goes.
+
+    Returns:
+        ``(size, sha256 hex)`` of what was written.
+
+    Raises:
+        CacheError: The disk is full.
+    """
+    digest = hashlib.sha256()
+    size = 0
+    try:
+        with open(dest, "xb") as out:
+            for chunk in chunks:
+                digest.update(chunk)
+                out.write(chunk)
+                size += len(chunk)
+            if fsync:
+                out.flush()
+                os.fsync(out.fileno())
+    except OSError as exc:
+        err = _translate_oserror(exc, dest)
+        if err is exc:
+            raise
+        raise err from exc
+    return size, digest.hexdigest()
+
+
+def write_stream(stream: BinaryIO, dest: Path, *, fsync: bool = True, chunk_size: int = CHUNK_SIZE) -> tuple[int, str]:
+    """Copy a readable binary stream into a new file ``dest``; see :func:`write_chunks`."""
+    return write_chunks(iter(lambda: stream.read(chunk_size), b""), dest, fsync=fsync)
+
+
+def copy_file(src: Path, dest: Path, *, fsync: bool = True) -> tuple[int, str]:
+    """Copy ``src`` to a new file ``dest`` with one read pass that also hashes."""
+    with open(src, "rb") as f:
+        return write_stream(f, dest, fsync=fsync)
+
+
+def hash_file(path: Path) -> str:
+    """SHA-256 hex of a file, read in 1 MiB blocks."""
+    digest = hashlib.sha256()
+    buf = bytearray(CHUNK_SIZE)
+    view = memoryview(buf)
+    with open(path, "rb", buffering=0) as f:
+        while n := f.readinto(buf):
+            digest.update(view[:n])
+    return digest.hexdigest()
+
+
+def fsync_dir(path: Path) -> None:
+    """fsync a directory so a rename inside it is durable.
+
+    Filesystems that cannot fsync a directory (EINVAL, ENOTSUP) still rename atomically,
+    so only that answer is tolerated.
+    """
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    try:
+        os.fsync(fd)
+    except OSError as exc:
+        if exc.errno not in (errno.EINVAL, errno.ENOTSUP):
+            raise
+    finally:
+        os.close(fd)
+
+
+def check_free_space(path: Path, needed: int, *, reserve: int = 0) -> None:
+    """Raise ``CacheError`` unless ``needed + reserve`` bytes are free at ``path``."""
+    free = shutil.disk_usage(path).free
+    if needed + reserve > free:
+        raise CacheError(
+            f"not enough free space in {path}: need {needed} bytes (+{reserve} reserved), {free} free"
+        )

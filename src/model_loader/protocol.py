@@ -1,0 +1,107 @@
+"""The contract every model source implements.
+
+A source turns a moving reference into an immutable version (``resolve``) and writes
+exactly that version's files into an empty staging directory (``fetch``). It never
+renames, locks or publishes: :class:`~model_loader.ResilientLoader` does that, in one
+place. Errors leave a source only as :mod:`model_loader.errors` types.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import ClassVar, Protocol, runtime_checkable
+
+from model_loader._types import Manifest, ModelRef, ResolvedModel
+
+__all__ = [
+    "ModelSource",
+    "SourceCapabilities",
+    "SourceSettings",
+    "SupportsVersionHistory",
+]
+
+
+@dataclass(frozen=True, slots=True)
+class SourceCapabilities:
+    """What a source can do; the conformance suite skips on these, never on type.
+
+    Attributes:
+        remote: It talks to a server; offline mode never calls it and faults can be injected.
+        immutable_versions: A ``ResolvedModel`` stays fetchable with its original bytes after
+            the reference moves (MLflow versions, versioned S3 buckets). Otherwise fetching a
+            superseded resolution raises ``StaleResolutionError``.
+        version_history: It implements :class:`SupportsVersionHistory` (rollback to earlier
+            versions of the same model).
+    """
+
+    remote: bool = False
+    immutable_versions: bool = False
+    version_history: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class SourceSettings:
+    """Settings the loader hands to sources it builds from URIs.
+
+    Attributes:
+        connect_timeout: Seconds to establish a connection.
+        read_timeout: Seconds to wait for bytes on an open connection.
+        max_concurrency: Parallel transfers a source may run.
+        include: Glob patterns of relative paths to fetch (empty: everything).
+        exclude: Glob patterns of relative paths to skip.
+    """
+
+    connect_timeout: float = 5.0
+    read_timeout: float = 60.0
+    max_concurrency: int = 16
+    include: tuple[str, ...] = ()
+    exclude: tuple[str, ...] = ()
+
+
+@runtime_checkable
+class ModelSource(Protocol):
+    """A place models are loaded from.
+
+    Attributes:
+        scheme: The URI scheme this source serves (``"s3"``).
+        capabilities: What the source supports.
+        identity: A stable, credential-free name of the backend this instance talks to
+            (``"s3+http://127.0.0.1:9000"``). Known without network I/O; caches key on it.
+
+    A class registered for a scheme may define ``from_settings(settings)``, a classmethod
+    the registry calls to build it from :class:`SourceSettings`; otherwise it is built
+    with no arguments.
+    """
+
+    scheme: ClassVar[str]
+    capabilities: ClassVar[SourceCapabilities]
+
+    @property
+    def identity(self) -> str: ...
+
+    def resolve(self, ref: ModelRef) -> ResolvedModel:
+        """Pin ``ref`` to an immutable version. Raises ``SourceError`` subclasses."""
+        ...
+
+    def fetch(self, resolved: ResolvedModel, dest: Path) -> Manifest:
+        """Write exactly ``resolved``'s files into the empty directory ``dest``.
+
+        Returns a manifest with every file's size and SHA-256 (hashed while written).
+        Raises ``StaleResolutionError`` if the pinned content changed.
+        """
+        ...
+
+    def close(self) -> None:
+        """Release connections. Idempotent."""
+        ...
+
+
+@runtime_checkable
+class SupportsVersionHistory(Protocol):
+    """A source that can list earlier versions of a resolved model (rollback path)."""
+
+    def previous_versions(self, resolved: ResolvedModel, limit: int) -> list[ResolvedModel]:
+        """Up to ``limit`` earlier versions of the same model, newest first."""
+        ...
+

@@ -1,0 +1,1 @@
+"""Built-in sources. Each module is imported only when its scheme is first used."""
