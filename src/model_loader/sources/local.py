@@ -1,0 +1,173 @@
+"""The local-directory source (``file:///abs/dir`` and plain paths); stdlib only."""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import hashlib
+import os
+import stat
+import threading
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import ClassVar
+
+from model_loader._io import copy_file, hash_file, is_selected, safe_relpath
+from model_loader._types import FileEntry, Manifest, ModelRef, ResolvedModel
+from model_loader.errors import (
+    AccessDeniedError,
+    IntegrityError,
+    ModelNotFoundError,
+    SourceError,
+    SourceUnavailableError,
+    StaleResolutionError,
+)
+from model_loader.protocol import SourceCapabilities, SourceSettings
+
+__all__ = ["LocalSource"]
+
+_Stamp = tuple[int, int, int, int]  # (device, inode, size, mtime_ns)
+
+
+class LocalSource:
+    """Models in a local (or mounted) directory.
+
+    The version is a SHA-256 over every file's relative path, size and content hash.
+    Hashes are remembered per file by (device, inode, size, mtime), so re-resolving an
+    unchanged directory stats it without re-reading it. Symlinks that leave the directory
+    and special files (FIFOs, sockets, devices) are refused.
+
+    Args:
+        include: Globs of relative paths to serve (empty: all).
+        exclude: Globs of relative paths to skip.
+        max_concurrency: Files copied in parallel by ``fetch``.
+
+    Example:
+        >>> src = LocalSource()
+        >>> resolved = src.resolve(parse_ref("/models/iris"))
+    """
+
+    scheme: ClassVar[str] = "file"
+    capabilities: ClassVar[SourceCapabilities] = SourceCapabilities(remote=False)
+
+    def __init__(
+        self, *, include: tuple[str, ...] = (), exclude: tuple[str, ...] = (), max_concurrency: int = 4
+    ) -> None:
+        self._include = tuple(include)
+        self._exclude = tuple(exclude)
+        self._workers = max(1, max_concurrency)
+        self._hashes: dict[str, tuple[_Stamp, str]] = {}
+        self._lock = threading.Lock()
+
+    @classmethod
+    def from_settings(cls, settings: SourceSettings) -> LocalSource:
+        return cls(include=settings.include, exclude=settings.exclude, max_concurrency=min(settings.max_concurrency, 8))
+
+    @property
+    def identity(self) -> str:
+        return "file"
+
+    @contextlib.contextmanager
+    def _map_errors(self, ref: ModelRef, what: str) -> Iterator[None]:
+        try:
+            yield
+        except (SourceError, IntegrityError):
+            raise
+        except FileNotFoundError as exc:
+            raise ModelNotFoundError(f"{what}: {exc.filename or ref.location} does not exist", scheme="file", ref=ref.uri) from exc
+        except NotADirectoryError as exc:
+            raise ModelNotFoundError(f"{what}: {ref.location} is not a directory", scheme="file", ref=ref.uri) from exc
+        except PermissionError as exc:
+            raise AccessDeniedError(f"{what}: permission denied reading {exc.filename}", scheme="file", ref=ref.uri) from exc
+        except OSError as exc:
+            if exc.errno in (errno.EIO, errno.ESTALE, errno.ETIMEDOUT, errno.EHOSTDOWN):
+                raise SourceUnavailableError(f"{what}: {exc}", scheme="file", ref=ref.uri) from exc
+            raise SourceError(f"{what}: {exc}", scheme="file", ref=ref.uri) from exc
+
+    def resolve(self, ref: ModelRef) -> ResolvedModel:
+        root = Path(ref.location)
+        with self._map_errors(ref, "resolve"):
+            st = os.stat(root)
+            if not stat.S_ISDIR(st.st_mode):
+                raise ModelNotFoundError(
+                    f"{root} is a file, not a model directory (point at the directory that holds it)",
+                    scheme="file",
+                    ref=ref.uri,
+                )
+            entries = [self._entry(root, rel, full) for rel, full in self._walk(root, ref)]
+        if not entries:
+            raise ModelNotFoundError(f"{root} holds no files to serve", scheme="file", ref=ref.uri)
+        entries.sort(key=lambda e: e.path)
+        h = hashlib.sha256()
+        for e in entries:
+            h.update(f"{e.path}\0{e.size}\0{e.sha256}\n".encode())
+        return ResolvedModel(ref, self.identity, h.hexdigest(), tuple(entries), (("path", str(root)),))
+
+    def _walk(self, root: Path, ref: ModelRef) -> Iterator[tuple[str, Path]]:
+        real_root = os.path.realpath(root)
+        stack = [root]
+        seen_dirs = {real_root}
+        while stack:
+            current = stack.pop()
+            with os.scandir(current) as it:
+                items = sorted(it, key=lambda d: d.name)
+            for item in items:
+                full = Path(item.path)
+                rel = full.relative_to(root).as_posix()
+                if item.is_symlink():
+                    target = os.path.realpath(full)
+                    if os.path.commonpath([real_root, target]) != real_root:
+                        raise IntegrityError(f"{rel} is a symlink pointing outside the model directory ({target})")
+                if item.is_dir():  # follows in-tree symlinks
+                    real = os.path.realpath(full)
+                    if real in seen_dirs:
+                        continue  # a symlink loop or a second path to the same directory
+                    seen_dirs.add(real)
+                    stack.append(full)
+                    continue
+                if not item.is_file():
+                    raise IntegrityError(f"{rel} is not a regular file (FIFO, socket or device): refused")
+                if is_selected(rel, self._include, self._exclude):
+                    yield safe_relpath(rel), full
+
+    def _entry(self, root: Path, rel: str, full: Path) -> FileEntry:
+        st = os.stat(full)
+        stamp = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+        key = str(full)
+        with self._lock:
+            memo = self._hashes.get(key)
+        if memo is not None and memo[0] == stamp:
+            return FileEntry(rel, st.st_size, memo[1])
+        digest = hash_file(full)
+        with self._lock:
+            self._hashes[key] = (stamp, digest)
+        return FileEntry(rel, st.st_size, digest)
+
+    def fetch(self, resolved: ResolvedModel, dest: Path) -> Manifest:
+        if resolved.files is None:
+            raise IntegrityError("a local resolution always lists its files")
+        root = Path(resolved.meta["path"])
+        ref = resolved.ref
+
+        def copy(entry: FileEntry) -> FileEntry:
+            target = dest / entry.path
+            target.parent.mkdir(parents=True, exist_ok=True)
+            size, digest = copy_file(root / entry.path, target)
+            if size != entry.size or digest != entry.sha256:
+                raise StaleResolutionError(f"{entry.path} changed after it was resolved", scheme="file", ref=ref.uri)
+            return FileEntry(entry.path, size, digest)
+
+        with self._map_errors(ref, "fetch"):
+            if len(resolved.files) == 1 or self._workers == 1:
+                copied = [copy(e) for e in resolved.files]
+            else:
+                # largest first so one big file does not finish last
+                order = sorted(resolved.files, key=lambda e: -e.size)
+                with ThreadPoolExecutor(self._workers, thread_name_prefix="model-loader-copy") as pool:
+                    copied = list(pool.map(copy, order))
+        return Manifest.of(copied)
+
+    def close(self) -> None:
+        with self._lock:
+            self._hashes.clear()
