@@ -32,11 +32,17 @@ from model_loader.errors import (
     StaleResolutionError,
     UnknownSchemeError,
 )
-from model_loader.protocol import ModelSource, SourceCapabilities, SourceSettings, SupportsVersionHistory
+from model_loader.protocol import (
+    FetchObserver,
+    ModelSource,
+    SourceCapabilities,
+    SourceSettings,
+    SupportsVersionHistory,
+)
 
 if TYPE_CHECKING:
     from model_loader.config import CacheConfig, LoaderConfig, RetryPolicy
-    from model_loader.loader import FetchObserver, ResilientLoader
+    from model_loader.loader import ResilientLoader
     from model_loader.registry import register_source
 
 __version__ = "0.1.0"
@@ -80,7 +86,6 @@ _LAZY = {
     "CacheConfig": "model_loader.config",
     "LoaderConfig": "model_loader.config",
     "RetryPolicy": "model_loader.config",
-    "FetchObserver": "model_loader.loader",
     "ResilientLoader": "model_loader.loader",
     "register_source": "model_loader.registry",
 }

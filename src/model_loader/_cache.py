@@ -362,8 +362,14 @@ class DiskCache:
         if current is not None and current.key == entry.key and current.source == source:
             return
         rec = RefRecord(identity, ref, entry.key, entry.version, source, time.time())
-        data = {"identity": identity, "ref": ref, "key": entry.key, "version": entry.version, "source": source}
-        data["updated"] = rec.updated
+        data = {
+            "identity": identity,
+            "ref": ref,
+            "key": entry.key,
+            "version": entry.version,
+            "source": source,
+            "updated": rec.updated,
+        }
         self._write_atomic(self._refs / f"{rk}.json", json.dumps(data).encode())
         self._ref_memo[rk] = rec
 
@@ -372,7 +378,7 @@ class DiskCache:
         rk = self._ref_key(identity, ref)
         try:
             data = json.loads((self._refs / f"{rk}.json").read_bytes())
-            rec = RefRecord(data["identity"], data["ref"], data["key"], data["version"], data["source"], data["updated"])
+            rec = _ref_record(data)
         except FileNotFoundError:
             return None
         except (ValueError, KeyError) as exc:
@@ -386,8 +392,7 @@ class DiskCache:
         out = []
         for path in sorted(self._refs.glob("*.json")):
             try:
-                d = json.loads(path.read_bytes())
-                out.append(RefRecord(d["identity"], d["ref"], d["key"], d["version"], d["source"], d["updated"]))
+                out.append(_ref_record(json.loads(path.read_bytes())))
             except (OSError, ValueError, KeyError) as exc:
                 logger.warning("ignoring unreadable cache ref %s: %s", path.name, exc)
         return out
@@ -520,6 +525,10 @@ class DiskCache:
             raise
 
 
+def _ref_record(d: dict[str, Any]) -> RefRecord:
+    return RefRecord(d["identity"], d["ref"], d["key"], d["version"], d["source"], float(d["updated"]))
+
+
 def _walk_files(root: Path) -> Iterator[str]:
     for dirpath, _, names in os.walk(root):
         for name in names:
@@ -558,9 +567,7 @@ def verify_staged(files_dir: Path, manifest: Manifest, resolved: ResolvedModel) 
                 raise IntegrityError(f"{full.relative_to(files_dir)} is not a regular file")
             on_disk[full.relative_to(files_dir).as_posix()] = full.stat().st_size
     if on_disk.keys() != by_path.keys():
-        raise IntegrityError(
-            f"staged files differ from the manifest: {sorted(on_disk.keys() ^ by_path.keys())[:3]}"
-        )
+        raise IntegrityError(f"staged files differ from the manifest: {sorted(on_disk.keys() ^ by_path.keys())[:3]}")
     for path, size in on_disk.items():
         if by_path[path].size != size:
             raise IntegrityError(f"{path}: {size} bytes on disk, the manifest says {by_path[path].size}")

@@ -131,6 +131,4 @@ def check_free_space(path: Path, needed: int, *, reserve: int = 0) -> None:
     """Raise ``CacheError`` unless ``needed + reserve`` bytes are free at ``path``."""
     free = shutil.disk_usage(path).free
     if needed + reserve > free:
-        raise CacheError(
-            f"not enough free space in {path}: need {needed} bytes (+{reserve} reserved), {free} free"
-        )
+        raise CacheError(f"not enough free space in {path}: need {needed} bytes (+{reserve} reserved), {free} free")

@@ -15,7 +15,7 @@ import os
 import re
 from urllib.parse import parse_qsl, quote, unquote, urlsplit
 
-from model_loader._types import ModelRef
+from model_loader._types import ModelRef, SelectorKind
 from model_loader.errors import InvalidReferenceError, UnknownSchemeError
 
 __all__ = ["ACCEPTED_FORMS", "parse_ref"]
@@ -134,7 +134,7 @@ def _parse_s3(uri: str) -> ModelRef:
     query += [f"{k}={v}" for k, v in extra]
     if query:
         canonical += "?" + "&".join(query)
-    kind = "version_id" if version_id else "none"
+    kind: SelectorKind = "version_id" if version_id else "none"
     return ModelRef("s3", canonical, f"{bucket}/{key}", version_id, kind, extra)
 
 

@@ -30,23 +30,33 @@ logger = logging.getLogger("model_loader.cli")
 
 def _parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--cache-dir", type=Path, help="cache root (default: $MODEL_LOADER_CACHE_DIR or ~/.cache/model_loader)")
+    common.add_argument(
+        "--cache-dir", type=Path, help="cache root (default: $MODEL_LOADER_CACHE_DIR or ~/.cache/model_loader)"
+    )
     common.add_argument("--debug", action="store_true", help="log debug details and show tracebacks")
     common.add_argument("-v", "--verbose", action="store_true", help="log retries, fallbacks and cache events")
     common.add_argument("-q", "--quiet", action="store_true", help="no progress bar or warnings")
 
-    parser = argparse.ArgumentParser(prog="model-loader", description="Load ML models: pinned, cached, verified, resilient.")
+    parser = argparse.ArgumentParser(
+        prog="model-loader", description="Load ML models: pinned, cached, verified, resilient."
+    )
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     fetch = sub.add_parser("fetch", parents=[common], help="fetch a model into the cache and print its path")
-    fetch.add_argument("uris", nargs="+", metavar="URI", help="sources, tried in order (models:/, s3://, file://, paths)")
+    fetch.add_argument(
+        "uris", nargs="+", metavar="URI", help="sources, tried in order (models:/, s3://, file://, paths)"
+    )
     fetch.add_argument("--timeout", type=float, metavar="SECONDS", help="overall deadline for the fetch")
     fetch.add_argument("--offline", action="store_true", help="serve only from the cache; no network")
     fetch.add_argument("--json", action="store_true", help="print one JSON object describing what was served")
     fetch.add_argument("--verify", choices=["fast", "full"], help="cache-hit verification (default: fast)")
-    fetch.add_argument("--include", action="append", default=[], metavar="GLOB", help="only files matching (repeatable)")
-    fetch.add_argument("--exclude", action="append", default=[], metavar="GLOB", help="skip files matching (repeatable)")
+    fetch.add_argument(
+        "--include", action="append", default=[], metavar="GLOB", help="only files matching (repeatable)"
+    )
+    fetch.add_argument(
+        "--exclude", action="append", default=[], metavar="GLOB", help="skip files matching (repeatable)"
+    )
     fetch.add_argument("--no-progress", action="store_true", help="no progress bar even on a terminal")
 
     cache = sub.add_parser("cache", help="inspect, verify or prune the cache")
@@ -55,7 +65,9 @@ def _parser() -> argparse.ArgumentParser:
     ls.add_argument("--json", action="store_true")
     csub.add_parser("verify", parents=[common], help="hash every cached file; quarantine corrupt entries")
     prune = csub.add_parser("prune", parents=[common], help="evict least recently used entries")
-    prune.add_argument("--max-size", metavar="SIZE", help="target size (e.g. 20GiB; default: MODEL_LOADER_MAX_CACHE_SIZE)")
+    prune.add_argument(
+        "--max-size", metavar="SIZE", help="target size (e.g. 20GiB; default: MODEL_LOADER_MAX_CACHE_SIZE)"
+    )
 
     sub.add_parser("demo", parents=[common], help="run the self-contained demo (no server needed)")
     return parser

@@ -221,7 +221,7 @@ def _read_env(environ: Mapping[str, str] | None) -> dict[str, Any]:
         assert environ is not None
         prefix = "MODEL_LOADER_"
         values = {k[len(prefix) :].lower(): v for k, v in environ.items() if k.upper().startswith(prefix)}
-        parsed = _Env(**{k: v for k, v in values.items() if k in _Env.model_fields})
+        parsed = _Env.model_validate({k: v for k, v in values.items() if k in _Env.model_fields})
     return {k: v for k, v in parsed.model_dump().items() if v is not None}
 
 

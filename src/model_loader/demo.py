@@ -30,7 +30,7 @@ def _load_toy(path: Path) -> Callable[[list[float]], float]:
     spec = json.loads((path / "model.json").read_text())
 
     def predict(x: list[float]) -> float:
-        return float(sum(w * v for w, v in zip(spec["weights"], x)) + spec["bias"])
+        return float(sum(w * v for w, v in zip(spec["weights"], x, strict=True)) + spec["bias"])
 
     return predict
 
@@ -47,7 +47,14 @@ class _Table:
         else:
             version = result.version if len(result.version) <= 14 else result.version[:11] + "..."
             source = result.source if len(result.source) <= 34 else result.source[:31] + "..."
-            row = (step, source, version, "hit" if result.from_cache else "miss", str(result.degraded).lower(), f"{seconds * 1000:.1f} ms")
+            row = (
+                step,
+                source,
+                version,
+                "hit" if result.from_cache else "miss",
+                str(result.degraded).lower(),
+                f"{seconds * 1000:.1f} ms",
+            )
         self.rows.append(row)
         print(f"{row[0]:<34} {row[1]:<34} {row[2]:<14} {row[3]:<6} {row[4]:<9} {row[5]:>9}")
         sys.stdout.flush()
@@ -99,7 +106,10 @@ def run_demo(cache_dir: Path | None = None) -> int:
     table = _Table()
     try:
         _core_demo(work, cache, table.report)
-        for module, func in (("model_loader._demo_s3", "run_s3_demo"), ("model_loader._demo_mlflow", "run_mlflow_demo")):
+        for module, func in (
+            ("model_loader._demo_s3", "run_s3_demo"),
+            ("model_loader._demo_mlflow", "run_mlflow_demo"),
+        ):
             try:
                 step: Any = getattr(importlib.import_module(module), func)
             except ImportError as exc:

@@ -28,10 +28,10 @@ from model_loader.errors import (
     SourceUnavailableError,
     StaleResolutionError,
 )
-from model_loader.protocol import ModelSource, SourceSettings, SupportsVersionHistory
+from model_loader.protocol import FetchObserver, ModelSource, SourceSettings, SupportsVersionHistory
 from model_loader.registry import create_source
 
-__all__ = ["FetchObserver", "ResilientLoader", "SourceSpec", "default_model_loader"]
+__all__ = ["ResilientLoader", "SourceSpec", "default_model_loader"]
 
 logger = logging.getLogger(__name__)
 
@@ -44,14 +44,12 @@ LoaderFn = Callable[[Path], Any]
 _DEGRADABLE = (SourceUnavailableError, StaleResolutionError, IntegrityError)
 
 
-class FetchObserver:
-    """Hooks around a download (the CLI draws a progress bar with them). Override any."""
-
+class _NoObserver:
     def fetch_started(self, source: str, staging: Path, expected_bytes: int | None) -> None:
-        """Bytes are about to be written under ``staging``."""
+        return None
 
     def fetch_finished(self, source: str) -> None:
-        """The download ended (successfully or not)."""
+        return None
 
 
 @dataclass(frozen=True, slots=True)
@@ -128,7 +126,7 @@ class ResilientLoader:
         self.memory = MemoryCache(c.cache.memory_items)
         self._loader_fn = loader_fn
         self._sleep = sleep
-        self._observer = observer or FetchObserver()
+        self._observer: FetchObserver = observer or _NoObserver()
         self._settings = SourceSettings(
             connect_timeout=c.connect_timeout,
             read_timeout=c.read_timeout,
@@ -269,7 +267,9 @@ class ResilientLoader:
                 if isinstance(exc, SourceUnavailableError) or not self.config.fallback_versions:
                     raise
                 errors.append(exc)
-                logger.warning("version %s from %s is broken (%s); trying an earlier one", candidate.version, spec.uri, exc)
+                logger.warning(
+                    "version %s from %s is broken (%s); trying an earlier one", candidate.version, spec.uri, exc
+                )
                 if not history_checked:
                     history_checked = True
                     candidates.extend(self._history(spec, candidate, source_deadline))
@@ -416,9 +416,10 @@ class ResilientLoader:
 
         policy = self.config.retry
 
-        def past_deadline(state: tenacity.RetryCallState) -> bool:
+        class _PastDeadline(tenacity.stop.stop_base):
             # stop when the next backoff would end past the deadline, not after it
-            return time.monotonic() + (state.upcoming_sleep or 0.0) >= deadline
+            def __call__(self, state: tenacity.RetryCallState) -> bool:
+                return time.monotonic() + (state.upcoming_sleep or 0.0) >= deadline
 
         def log_retry(state: tenacity.RetryCallState) -> None:
             exc = state.outcome.exception() if state.outcome else None
@@ -436,10 +437,10 @@ class ResilientLoader:
         if time.monotonic() >= deadline:
             raise SourceTimeoutError(f"{what} of {spec.uri}: deadline expired", scheme=spec.ref.scheme, ref=spec.uri)
         retrying = tenacity.Retrying(
-            stop=tenacity.stop_after_attempt(policy.attempts) | past_deadline,
-            wait=tenacity.wait_exponential_jitter(
-                initial=policy.initial_backoff, max=policy.max_backoff, jitter=policy.jitter
-            ),
+            stop=tenacity.stop_any(tenacity.stop_after_attempt(policy.attempts), _PastDeadline()),
+            # exponential backoff with additive jitter (stable tenacity API since 4.x)
+            wait=tenacity.wait_exponential(multiplier=policy.initial_backoff, max=policy.max_backoff)
+            + tenacity.wait_random(0, policy.jitter),
             retry=tenacity.retry_if_exception_type(SourceUnavailableError),
             reraise=True,
             sleep=self._sleep,

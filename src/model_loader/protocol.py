@@ -15,6 +15,7 @@ from typing import ClassVar, Protocol, runtime_checkable
 from model_loader._types import Manifest, ModelRef, ResolvedModel
 
 __all__ = [
+    "FetchObserver",
     "ModelSource",
     "SourceCapabilities",
     "SourceSettings",
@@ -105,3 +106,15 @@ class SupportsVersionHistory(Protocol):
         """Up to ``limit`` earlier versions of the same model, newest first."""
         ...
 
+
+@runtime_checkable
+class FetchObserver(Protocol):
+    """Hooks around a download (the CLI draws its progress bar with them)."""
+
+    def fetch_started(self, source: str, staging: Path, expected_bytes: int | None) -> None:
+        """Bytes are about to be written under ``staging`` (``expected_bytes`` when known)."""
+        ...
+
+    def fetch_finished(self, source: str) -> None:
+        """The download ended, successfully or not."""
+        ...

@@ -97,7 +97,9 @@ def get_source_class(scheme: str) -> type:
         _discover()
         entry = _registry.get(scheme) or _BUILTINS.get(scheme)
     if entry is None:
-        raise UnknownSchemeError(f"no source registered for scheme {scheme!r}; known: {', '.join(sorted(known_schemes()))}")
+        raise UnknownSchemeError(
+            f"no source registered for scheme {scheme!r}; known: {', '.join(sorted(known_schemes()))}"
+        )
     if isinstance(entry.target, type):
         return entry.target
     module_name, _, attr = entry.target.partition(":")

@@ -75,11 +75,15 @@ class LocalSource:
         except (SourceError, IntegrityError):
             raise
         except FileNotFoundError as exc:
-            raise ModelNotFoundError(f"{what}: {exc.filename or ref.location} does not exist", scheme="file", ref=ref.uri) from exc
+            raise ModelNotFoundError(
+                f"{what}: {exc.filename or ref.location} does not exist", scheme="file", ref=ref.uri
+            ) from exc
         except NotADirectoryError as exc:
             raise ModelNotFoundError(f"{what}: {ref.location} is not a directory", scheme="file", ref=ref.uri) from exc
         except PermissionError as exc:
-            raise AccessDeniedError(f"{what}: permission denied reading {exc.filename}", scheme="file", ref=ref.uri) from exc
+            raise AccessDeniedError(
+                f"{what}: permission denied reading {exc.filename}", scheme="file", ref=ref.uri
+            ) from exc
         except OSError as exc:
             if exc.errno in (errno.EIO, errno.ESTALE, errno.ETIMEDOUT, errno.EHOSTDOWN):
                 raise SourceUnavailableError(f"{what}: {exc}", scheme="file", ref=ref.uri) from exc

@@ -108,7 +108,9 @@ class InMemorySource:
             elif "alias" in params:
                 found = self._aliases.get((name, params["alias"]))
                 if found is None:
-                    raise ModelNotFoundError(f"no alias {params['alias']!r} on {name!r}", scheme=self.scheme, ref=ref.uri)
+                    raise ModelNotFoundError(
+                        f"no alias {params['alias']!r} on {name!r}", scheme=self.scheme, ref=ref.uri
+                    )
                 number = found
             else:
                 number = len(versions)
@@ -118,9 +120,7 @@ class InMemorySource:
         return self._resolved(ref, name, number, files)
 
     def _resolved(self, ref: ModelRef, name: str, number: int, files: Mapping[str, bytes]) -> ResolvedModel:
-        entries = tuple(
-            FileEntry(p, len(b), hashlib.sha256(b).hexdigest()) for p, b in sorted(files.items())
-        )
+        entries = tuple(FileEntry(p, len(b), hashlib.sha256(b).hexdigest()) for p, b in sorted(files.items()))
         return ResolvedModel(ref, self.identity, f"{name}/{number}", entries, (("name", name), ("number", str(number))))
 
     def fetch(self, resolved: ResolvedModel, dest: Path) -> Manifest:
@@ -129,7 +129,9 @@ class InMemorySource:
         with self._lock:
             files = dict(self._versions[name][number - 1])
         if not files:
-            raise ModelNotFoundError(f"the files of {resolved.version} are gone", scheme=self.scheme, ref=resolved.ref.uri)
+            raise ModelNotFoundError(
+                f"the files of {resolved.version} are gone", scheme=self.scheme, ref=resolved.ref.uri
+            )
         entries = []
         for path, data in sorted(files.items()):
             target = Path(dest, safe_relpath(path))

@@ -1,0 +1,49 @@
+# The two-command quick start: `make demo` and `make test` (fresh machine, Python 3.10+, make).
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+PIP    := $(BIN)/python -m pip
+PYTEST_ARGS ?=
+
+.PHONY: demo test lint type unit bench clean help
+
+help:
+	@echo "make demo   - create $(VENV), install, run 'model-loader demo'"
+	@echo "make test   - create $(VENV), install with test extras, run ruff, mypy --strict and pytest"
+	@echo "make bench  - run the benchmark suite (prints JSON and a table)"
+
+$(BIN)/python:
+	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 10) else "model_loader needs Python 3.10+; run make PYTHON=python3.X")'
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install --quiet --upgrade pip
+
+$(VENV)/.demo-deps: pyproject.toml | $(BIN)/python
+	$(PIP) install --quiet -e ".[demo]"
+	@touch $@
+
+$(VENV)/.test-deps: pyproject.toml | $(BIN)/python
+	$(PIP) install --quiet -e ".[all,test]"
+	@touch $@
+
+demo: $(VENV)/.demo-deps
+	$(BIN)/model-loader demo
+
+lint: $(VENV)/.test-deps
+	$(BIN)/ruff check src tests benchmarks
+	$(BIN)/ruff format --check src tests benchmarks
+
+type: $(VENV)/.test-deps
+	$(BIN)/mypy
+
+test: lint type
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+unit: $(VENV)/.test-deps
+	$(BIN)/python -m pytest -m "not slow" $(PYTEST_ARGS)
+
+bench: $(VENV)/.test-deps
+	$(PIP) install --quiet -e ".[bench]"
+	$(BIN)/python benchmarks/run_all.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
