@@ -9,8 +9,8 @@ import sys
 from pathlib import Path
 
 import pytest
-from helpers import fast_config, read_tree, write_tree
 
+from helpers import fast_config, read_tree, write_tree
 from model_loader import CacheConfig, CacheError, IntegrityError, ResilientLoader
 from model_loader._cache import DiskCache, MemoryCache
 from model_loader.testing import InMemorySource
@@ -69,7 +69,9 @@ def test_published_entry_has_manifest_and_exact_files(tmp_path: Path) -> None:
     assert list((tmp_path / "cache" / ".staging").iterdir()) == []
 
 
-def test_truncated_file_is_detected_in_fast_mode_quarantined_and_refetched(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+def test_truncated_file_is_detected_in_fast_mode_quarantined_and_refetched(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     store = InMemorySource()
     ref = store.publish("m", {"w.bin": b"x" * 1000}, alias="prod")
     first = _loader(tmp_path, store, ref).fetch()

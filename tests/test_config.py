@@ -11,7 +11,15 @@ from model_loader.config import parse_size
 
 @pytest.mark.parametrize(
     ("text", "size"),
-    [(0, 0), ("1024", 1024), ("1KB", 1000), ("1KiB", 1024), ("1.5GiB", 3 * 2**29), ("10 gb", 10**10), ("2M", 2 * 10**6)],
+    [
+        (0, 0),
+        ("1024", 1024),
+        ("1KB", 1000),
+        ("1KiB", 1024),
+        ("1.5GiB", 3 * 2**29),
+        ("10 gb", 10**10),
+        ("2M", 2 * 10**6),
+    ],
 )
 def test_parse_size(text: str | int, size: int) -> None:
     assert parse_size(text) == size

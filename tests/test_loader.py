@@ -8,8 +8,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from helpers import Sleeps, fast_config, read_tree, write_tree
 
+from helpers import Sleeps, fast_config, read_tree, write_tree
 from model_loader import (
     AccessDeniedError,
     AllSourcesFailedError,
@@ -28,7 +28,9 @@ FILES = {"MLmodel_not": b"x", "w.bin": b"w" * 100}
 
 
 def make(tmp_path: Path, sources: list[Any], sleep: Any = None, **cfg: Any) -> ResilientLoader:
-    return ResilientLoader(sources, config=fast_config(tmp_path / "cache", **cfg), sleep=sleep if sleep is not None else Sleeps())
+    return ResilientLoader(
+        sources, config=fast_config(tmp_path / "cache", **cfg), sleep=sleep if sleep is not None else Sleeps()
+    )
 
 
 def test_cold_then_warm(tmp_path: Path) -> None:

@@ -27,7 +27,9 @@ from model_loader import InvalidReferenceError, UnknownSchemeError, parse_ref
         ("/srv/models/iris/", "file", "/srv/models/iris", None, "none", "file:///srv/models/iris"),
     ],
 )
-def test_valid_references(uri: str, scheme: str, location: str, selector: str | None, kind: str, canonical: str) -> None:
+def test_valid_references(
+    uri: str, scheme: str, location: str, selector: str | None, kind: str, canonical: str
+) -> None:
     ref = parse_ref(uri)
     assert (ref.scheme, ref.location, ref.selector, ref.selector_kind, ref.uri) == (
         scheme,
