@@ -2,4 +2,4 @@
 
 from __future__ import annotations
 
-pytest_plugins = ["_s3_server"]
+pytest_plugins = ["_s3_server", "_mlflow_server"]

@@ -379,3 +379,19 @@ def test_unavailable_error_type_is_retried_even_for_subclasses(tmp_path: Path) -
     store.fail_next(1, SourceTimeoutError("read timed out", scheme="mem"))
     assert make(tmp_path, [(store, ref)]).fetch().version == "m/1"
     assert issubclass(SourceTimeoutError, SourceUnavailableError)
+
+
+def _read_w(path: Path) -> bytes:
+    return (path / "w").read_bytes()
+
+
+def test_resolve_ttl_reuses_a_fresh_result_without_touching_the_source(tmp_path: Path) -> None:
+    store = InMemorySource()
+    ref = store.publish("m", {"w": b"1"}, alias="prod")
+    loader = make(tmp_path, [(store, ref)], resolve_ttl=3600)
+    assert loader.load(_read_w) == b"1"
+    before = list(store.calls)
+    store.publish("m", {"w": b"2"}, alias="prod")
+    assert loader.load(_read_w) == b"1"  # within the TTL the alias move is not looked up
+    assert store.calls == before
+    assert make(tmp_path, [(store, ref)]).load(_read_w) == b"2"  # TTL 0: resolves on every call

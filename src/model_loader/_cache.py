@@ -65,15 +65,12 @@ class CachedEntry:
     ref: str
     source: str
     created: float
+    digest: str
 
     @property
     def path(self) -> Path:
         """The directory holding the model files."""
         return self.root / "files"
-
-    @property
-    def digest(self) -> str:
-        return self.manifest.digest
 
     @property
     def size(self) -> int:
@@ -183,6 +180,7 @@ class DiskCache:
                 ref=data["ref"],
                 source=data.get("source", data["ref"]),
                 created=float(data["created"]),
+                digest=data.get("digest") or Manifest(files).digest,
             )
         except FileNotFoundError:
             return None
@@ -193,15 +191,16 @@ class DiskCache:
 
     def _verify_entry(self, entry: CachedEntry, mode: str) -> None:
         files_dir = entry.path
+        base = str(files_dir) + os.sep
         for f in entry.manifest.files:
-            target = files_dir / f.path
+            target = base + f.path  # strings, not pathlib: this runs on every warm start
             try:
                 size = os.stat(target).st_size
             except FileNotFoundError:
                 raise IntegrityError(f"cache entry {entry.key}: {f.path} is missing") from None
             if size != f.size:
                 raise IntegrityError(f"cache entry {entry.key}: {f.path} has {size} bytes, expected {f.size}")
-            if mode == "full" and f.sha256 and hash_file(target) != f.sha256:
+            if mode == "full" and f.sha256 and hash_file(Path(target)) != f.sha256:
                 raise IntegrityError(f"cache entry {entry.key}: {f.path} does not match its SHA-256")
         if mode == "full":
             on_disk = set(_walk_files(files_dir))

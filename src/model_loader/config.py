@@ -111,6 +111,8 @@ class LoaderConfig(_Model):
         include: Globs of model files to fetch (empty: all).
         exclude: Globs of model files to skip.
         fallback_versions: On a broken version, try up to this many earlier versions.
+        resolve_ttl: Seconds a ``fetch()``/``load()`` result is reused without resolving
+            again (0: resolve on every call). Set it when ``load()`` sits on a hot path.
         retry: The retry policy.
         cache: The cache settings.
     """
@@ -124,6 +126,7 @@ class LoaderConfig(_Model):
     include: tuple[str, ...] = ()
     exclude: tuple[str, ...] = ()
     fallback_versions: int = Field(0, ge=0, le=100)
+    resolve_ttl: float = Field(0.0, ge=0)
     retry: RetryPolicy = Field(default_factory=RetryPolicy)
     cache: CacheConfig = Field(default_factory=CacheConfig)
 
@@ -140,7 +143,7 @@ class LoaderConfig(_Model):
 
         Variables: ``SOURCES`` (comma-separated), ``CACHE_DIR``, ``MAX_CACHE_SIZE``, ``VERIFY``,
         ``CONNECT_TIMEOUT``, ``READ_TIMEOUT``, ``DEADLINE``, ``OFFLINE``, ``MAX_CONCURRENCY``,
-        ``INCLUDE``, ``EXCLUDE``, ``FALLBACK_VERSIONS``, ``RETRY_ATTEMPTS``,
+        ``INCLUDE``, ``EXCLUDE``, ``FALLBACK_VERSIONS``, ``RESOLVE_TTL``, ``RETRY_ATTEMPTS``,
         ``SOURCE_DEADLINE``, ``LOCK_TIMEOUT``, ``MEMORY_ITEMS``.
 
         Raises:
@@ -198,6 +201,7 @@ def _read_env(environ: Mapping[str, str] | None) -> dict[str, Any]:
         include: str | None = None
         exclude: str | None = None
         fallback_versions: str | None = None
+        resolve_ttl: str | None = None
         retry_attempts: str | None = None
         source_deadline: str | None = None
         lock_timeout: str | None = None

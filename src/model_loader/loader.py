@@ -145,6 +145,7 @@ class ResilientLoader:
             self.close()
             raise
         self.last_result: FetchResult | None = None
+        self._recent: dict[LoaderFn | None, tuple[float, FetchResult, Any]] = {}
 
     def _spec(self, item: SourceLike) -> SourceSpec:
         if isinstance(item, tuple):
@@ -210,6 +211,17 @@ class ResilientLoader:
     # -- the path of one load -----------------------------------------------------------
 
     def _run(self, fn: LoaderFn | None) -> tuple[FetchResult, Any]:
+        ttl = self.config.resolve_ttl
+        if ttl > 0:
+            recent = self._recent.get(fn)
+            if recent is not None and time.monotonic() - recent[0] < ttl:
+                return recent[1], recent[2]  # the hot path: no resolve, no disk
+            out = self._run_once(fn)
+            self._recent[fn] = (time.monotonic(), *out)
+            return out
+        return self._run_once(fn)
+
+    def _run_once(self, fn: LoaderFn | None) -> tuple[FetchResult, Any]:
         start = time.monotonic()
         deadline = start + self.config.deadline
         failures: list[tuple[str, BaseException]] = []

@@ -99,7 +99,7 @@ class LocalSource:
                     scheme="file",
                     ref=ref.uri,
                 )
-            entries = [self._entry(root, rel, full) for rel, full in self._walk(root, ref)]
+            entries = [self._entry(rel, full, st) for rel, full, st in self._walk(root, ref)]
         if not entries:
             raise ModelNotFoundError(f"{root} holds no files to serve", scheme="file", ref=ref.uri)
         entries.sort(key=lambda e: e.path)
@@ -108,44 +108,44 @@ class LocalSource:
             h.update(f"{e.path}\0{e.size}\0{e.sha256}\n".encode())
         return ResolvedModel(ref, self.identity, h.hexdigest(), tuple(entries), (("path", str(root)),))
 
-    def _walk(self, root: Path, ref: ModelRef) -> Iterator[tuple[str, Path]]:
+    def _walk(self, root: Path, ref: ModelRef) -> Iterator[tuple[str, str, os.stat_result]]:
+        """Yield ``(relative path, full path, stat)`` of every served file.
+
+        Plain ``os`` strings rather than pathlib: this runs on every warm start.
+        """
         real_root = os.path.realpath(root)
-        stack = [root]
+        stack = [(str(root), "")]
         seen_dirs = {real_root}
         while stack:
-            current = stack.pop()
+            current, prefix = stack.pop()
             with os.scandir(current) as it:
                 items = sorted(it, key=lambda d: d.name)
             for item in items:
-                full = Path(item.path)
-                rel = full.relative_to(root).as_posix()
+                rel = prefix + item.name
                 if item.is_symlink():
-                    target = os.path.realpath(full)
+                    target = os.path.realpath(item.path)
                     if os.path.commonpath([real_root, target]) != real_root:
                         raise IntegrityError(f"{rel} is a symlink pointing outside the model directory ({target})")
                 if item.is_dir():  # follows in-tree symlinks
-                    real = os.path.realpath(full)
+                    real = os.path.realpath(item.path)
                     if real in seen_dirs:
                         continue  # a symlink loop or a second path to the same directory
                     seen_dirs.add(real)
-                    stack.append(full)
+                    stack.append((item.path, rel + "/"))
                     continue
                 if not item.is_file():
                     raise IntegrityError(f"{rel} is not a regular file (FIFO, socket or device): refused")
                 if is_selected(rel, self._include, self._exclude):
-                    yield safe_relpath(rel), full
+                    yield safe_relpath(rel), item.path, item.stat()
 
-    def _entry(self, root: Path, rel: str, full: Path) -> FileEntry:
-        st = os.stat(full)
+    def _entry(self, rel: str, full: str, st: os.stat_result) -> FileEntry:
         stamp = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
-        key = str(full)
-        with self._lock:
-            memo = self._hashes.get(key)
+        memo = self._hashes.get(full)
         if memo is not None and memo[0] == stamp:
             return FileEntry(rel, st.st_size, memo[1])
-        digest = hash_file(full)
+        digest = hash_file(Path(full))
         with self._lock:
-            self._hashes[key] = (stamp, digest)
+            self._hashes[full] = (stamp, digest)
         return FileEntry(rel, st.st_size, digest)
 
     def fetch(self, resolved: ResolvedModel, dest: Path) -> Manifest:
