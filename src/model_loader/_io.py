@@ -100,9 +100,32 @@ def write_stream(stream: BinaryIO, dest: Path, *, fsync: bool = True, chunk_size
 
 
 def copy_file(src: Path, dest: Path, *, fsync: bool = True) -> tuple[int, str]:
-    """Copy ``src`` to a new file ``dest`` with one read pass that also hashes."""
-    with open(src, "rb") as f:
-        return write_stream(f, dest, fsync=fsync)
+    """Copy ``src`` to a new file ``dest`` in one pass that also hashes what is written.
+
+    Reads into one reused buffer (no per-chunk allocation); hashing releases the GIL, so
+    several copies run in parallel threads.
+    """
+    digest = hashlib.sha256()
+    size = 0
+    buf = bytearray(CHUNK_SIZE)
+    view = memoryview(buf)
+    try:
+        with open(src, "rb", buffering=0) as f, open(dest, "xb", buffering=0) as out:
+            while n := f.readinto(buf):
+                chunk = view[:n]
+                digest.update(chunk)
+                written = 0
+                while written < n:
+                    written += out.write(chunk[written:]) or 0
+                size += n
+            if fsync:
+                os.fsync(out.fileno())
+    except OSError as exc:
+        err = _translate_oserror(exc, dest)
+        if err is exc:
+            raise
+        raise err from exc
+    return size, digest.hexdigest()
 
 
 def hash_file(path: Path) -> str:

@@ -13,7 +13,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import ClassVar
 
-from model_loader._io import copy_file, hash_file, is_selected, safe_relpath
+from model_loader._io import copy_file, hash_file, is_selected
 from model_loader._types import FileEntry, Manifest, ModelRef, ResolvedModel
 from model_loader.errors import (
     AccessDeniedError,
@@ -57,7 +57,8 @@ class LocalSource:
         self._include = tuple(include)
         self._exclude = tuple(exclude)
         self._workers = max(1, max_concurrency)
-        self._hashes: dict[str, tuple[_Stamp, str]] = {}
+        self._hashes: dict[str, tuple[_Stamp, FileEntry]] = {}
+        self._resolved: dict[ModelRef, tuple[list[tuple[str, int, int, int, int]], ResolvedModel]] = {}
         self._lock = threading.Lock()
 
     @classmethod
@@ -99,54 +100,66 @@ class LocalSource:
                     scheme="file",
                     ref=ref.uri,
                 )
-            entries = [self._entry(rel, full, st) for rel, full, st in self._walk(root, ref)]
+            found = list(self._walk(root, ref))
+            # Unchanged directory (same names, inodes, sizes, mtimes): same resolution, no hashing.
+            signature = [(rel, s.st_dev, s.st_ino, s.st_size, s.st_mtime_ns) for rel, _, s in found]
+            memo = self._resolved.get(ref)
+            if memo is not None and memo[0] == signature:
+                return memo[1]
+            entries = [self._entry(rel, full, s) for rel, full, s in found]
         if not entries:
             raise ModelNotFoundError(f"{root} holds no files to serve", scheme="file", ref=ref.uri)
         entries.sort(key=lambda e: e.path)
         h = hashlib.sha256()
         for e in entries:
             h.update(f"{e.path}\0{e.size}\0{e.sha256}\n".encode())
-        return ResolvedModel(ref, self.identity, h.hexdigest(), tuple(entries), (("path", str(root)),))
+        resolved = ResolvedModel(ref, self.identity, h.hexdigest(), tuple(entries), (("path", str(root)),))
+        with self._lock:
+            self._resolved[ref] = (signature, resolved)
+        return resolved
 
     def _walk(self, root: Path, ref: ModelRef) -> Iterator[tuple[str, str, os.stat_result]]:
-        """Yield ``(relative path, full path, stat)`` of every served file.
+        """Yield ``(relative path, full path, stat)`` of every served file, in no order.
 
-        Plain ``os`` strings rather than pathlib: this runs on every warm start.
+        Plain ``os`` strings and ``DirEntry`` type bits rather than pathlib: this runs on
+        every warm start, once per file.
         """
         real_root = os.path.realpath(root)
         stack = [(str(root), "")]
         seen_dirs = {real_root}
+        filtered = bool(self._include or self._exclude)
         while stack:
             current, prefix = stack.pop()
             with os.scandir(current) as it:
-                items = sorted(it, key=lambda d: d.name)
-            for item in items:
-                rel = prefix + item.name
-                if item.is_symlink():
-                    target = os.path.realpath(item.path)
-                    if os.path.commonpath([real_root, target]) != real_root:
-                        raise IntegrityError(f"{rel} is a symlink pointing outside the model directory ({target})")
-                if item.is_dir():  # follows in-tree symlinks
-                    real = os.path.realpath(item.path)
-                    if real in seen_dirs:
-                        continue  # a symlink loop or a second path to the same directory
-                    seen_dirs.add(real)
-                    stack.append((item.path, rel + "/"))
-                    continue
-                if not item.is_file():
-                    raise IntegrityError(f"{rel} is not a regular file (FIFO, socket or device): refused")
-                if is_selected(rel, self._include, self._exclude):
-                    yield safe_relpath(rel), item.path, item.stat()
+                for item in it:
+                    rel = prefix + item.name
+                    if item.is_symlink():
+                        target = os.path.realpath(item.path)
+                        if os.path.commonpath([real_root, target]) != real_root:
+                            raise IntegrityError(f"{rel} is a symlink pointing outside the model directory ({target})")
+                    if item.is_dir():  # follows in-tree symlinks
+                        real = os.path.realpath(item.path)
+                        if real not in seen_dirs:  # else a symlink loop or a second path to it
+                            seen_dirs.add(real)
+                            stack.append((item.path, rel + "/"))
+                        continue
+                    if not item.is_file():
+                        raise IntegrityError(f"{rel} is not a regular file (FIFO, socket or device): refused")
+                    if "\\" in item.name:
+                        raise IntegrityError(f"unsafe file name {rel!r}: backslashes are not portable")
+                    if filtered and not is_selected(rel, self._include, self._exclude):
+                        continue
+                    yield rel, item.path, item.stat()
 
     def _entry(self, rel: str, full: str, st: os.stat_result) -> FileEntry:
         stamp = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
         memo = self._hashes.get(full)
-        if memo is not None and memo[0] == stamp:
-            return FileEntry(rel, st.st_size, memo[1])
-        digest = hash_file(Path(full))
+        if memo is not None and memo[0] == stamp and memo[1].path == rel:
+            return memo[1]
+        entry = FileEntry(rel, st.st_size, hash_file(Path(full)))
         with self._lock:
-            self._hashes[full] = (stamp, digest)
-        return FileEntry(rel, st.st_size, digest)
+            self._hashes[full] = (stamp, entry)
+        return entry
 
     def fetch(self, resolved: ResolvedModel, dest: Path) -> Manifest:
         if resolved.files is None:
@@ -175,3 +188,4 @@ class LocalSource:
     def close(self) -> None:
         with self._lock:
             self._hashes.clear()
+            self._resolved.clear()
