@@ -37,31 +37,32 @@ def _load_toy(path: Path) -> Callable[[list[float]], float]:
 
 class _Table:
     def __init__(self) -> None:
-        self.rows: list[tuple[str, str, str, str, str, str]] = []
-        print(f"{'STEP':<34} {'SOURCE':<34} {'VERSION':<14} {'CACHE':<6} {'DEGRADED':<9} {'TIME':>9}")
+        self.rows: list[tuple[str, ...]] = []
+        print(f"{'STEP':<36} {'SOURCE':<30} {'VERSION':<12} {'CACHE':<5} {'DEGRADED':<8} {'TIME':>9}  NOTE")
         sys.stdout.flush()
 
     def report(self, step: str, result: FetchResult | None, seconds: float, note: str = "") -> None:
         if result is None:
-            row = (step, note, "-", "-", "-", "-")
+            row: tuple[str, ...] = (step, "-", "-", "-", "-", "-", note)
         else:
-            version = result.version if len(result.version) <= 14 else result.version[:11] + "..."
-            source = result.source if len(result.source) <= 34 else result.source[:31] + "..."
+            if not note and result.failures:
+                note = f"{len(result.failures)} source(s) failed first"
             row = (
                 step,
-                source,
-                version,
+                _clip(result.source, 30),
+                _clip(result.version, 12),
                 "hit" if result.from_cache else "miss",
-                str(result.degraded).lower(),
+                "yes" if result.degraded else "no",
                 f"{seconds * 1000:.1f} ms",
+                note,
             )
         self.rows.append(row)
-        print(f"{row[0]:<34} {row[1]:<34} {row[2]:<14} {row[3]:<6} {row[4]:<9} {row[5]:>9}")
+        print(f"{row[0]:<36} {row[1]:<30} {row[2]:<12} {row[3]:<5} {row[4]:<8} {row[5]:>9}  {row[6]}")
         sys.stdout.flush()
 
 
-def _row_note(result: FetchResult) -> str:
-    return f"{len(result.failures)} source(s) failed first" if result.failures else ""
+def _clip(text: str, width: int) -> str:
+    return text if len(text) <= width else text[: width - 3] + "..."
 
 
 def _core_demo(work: Path, cache_dir: Path, report: Report) -> None:
