@@ -34,7 +34,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
-from model_loader._io import check_free_space, fsync_dir, hash_file, safe_relpath
+from model_loader._io import check_free_space, fsync_dir, hash_file, safe_relpath, sync_tree
 from model_loader._types import FileEntry, Manifest, ResolvedModel
 from model_loader.errors import CacheError, IntegrityError
 
@@ -324,8 +324,7 @@ class DiskCache:
             "files": [{"path": f.path, "size": f.size, "sha256": f.sha256} for f in manifest.files],
         }
         try:
-            for dirpath, _, _ in os.walk(files_dir):
-                fsync_dir(Path(dirpath))
+            sync_tree(files_dir)  # file data and directory entries, before the manifest exists
             (stage / ".lease").touch()
             (stage / ".used").touch()
             self._write_atomic(stage / "manifest.json", json.dumps(record, indent=1).encode())

@@ -136,7 +136,7 @@ class InMemorySource:
         for path, data in sorted(files.items()):
             target = Path(dest, safe_relpath(path))
             target.parent.mkdir(parents=True, exist_ok=True)
-            size, sha = write_chunks([data], target, fsync=False)
+            size, sha = write_chunks([data], target)
             entries.append(FileEntry(path, size, sha))
         return Manifest.of(entries)
 
