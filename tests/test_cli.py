@@ -135,3 +135,23 @@ def test_prune_without_a_size_is_a_usage_error(tmp_path: Path) -> None:
 def test_version_and_help() -> None:
     assert run("--version").stdout.startswith("model-loader ")
     assert "fetch" in run("--help").stdout
+
+
+def test_progress_bar_reports_bytes_staged(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    import time
+
+    from model_loader.cli import _Progress
+
+    stage = tmp_path / "stage"
+    stage.mkdir()
+    (stage / "part").write_bytes(b"x" * 2048)
+    bar = _Progress()
+    bar.fetch_started("s3://bucket/model/", stage, 4096)
+    deadline = time.monotonic() + 10
+    seen = ""
+    while "2.0 KiB/4.0 KiB" not in seen and time.monotonic() < deadline:
+        seen += capsys.readouterr().err
+        time.sleep(0.05)  # polling the captured stream, not waiting for time to pass
+    bar.fetch_finished("s3://bucket/model/")
+    assert "s3://bucket/model/ [" in seen
+    assert "2.0 KiB/4.0 KiB" in seen
