@@ -41,9 +41,11 @@ test: lint type
 unit: $(VENV)/.test-deps
 	$(BIN)/python -m pytest -m "not slow" $(PYTEST_ARGS)
 
+# s3fs lives in its own venv: aiobotocore pins botocore and would downgrade boto3 in .venv
 bench: $(VENV)/.test-deps
 	$(PIP) install --quiet -e ".[bench]"
-	$(BIN)/python benchmarks/run_all.py
+	test -x .venv-s3fs/bin/python || ($(PYTHON) -m venv .venv-s3fs && .venv-s3fs/bin/pip install --quiet s3fs)
+	BENCH_S3FS_PYTHON=.venv-s3fs/bin/python $(BIN)/python benchmarks/run_all.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

@@ -77,7 +77,9 @@ def run(runs: int, big_mib: int) -> dict[str, Any]:
     from model_loader import CacheConfig, LoaderConfig, ResilientLoader
 
     results: dict[str, Any] = {"machine": machine(), "runs": runs, "model": f"{big_mib} MiB + 200 x 4 KiB"}
-    imp = fresh_process_seconds("import time; t=time.perf_counter(); import model_loader; print(time.perf_counter()-t)", runs)
+    imp = fresh_process_seconds(
+        "import time; t=time.perf_counter(); import model_loader; print(time.perf_counter()-t)", runs
+    )
     results["import_model_loader_s"] = imp
 
     with tempfile.TemporaryDirectory(prefix="ml-bench-core-") as tmp:
@@ -147,8 +149,16 @@ def table(r: dict[str, Any]) -> str:
         ("cold fetch (local dir, into cache)", f"{r['cold_fetch_s']:.3f} s", ""),
         ("shutil.copytree of the same", f"{r['copytree_s']:.3f} s", f"ratio {r['cold_vs_copytree']:.2f}x"),
         ("warm fetch (resolve + disk hit)", f"{r['warm_fetch_s'] * 1000:.2f} ms", ""),
-        ("os.stat of every file (walk)", f"{r['stat_every_file_s'] * 1000:.2f} ms", f"ratio {r['warm_vs_stat']:.2f}x (goal <= 2x)"),
-        ("load() memory hit, re-resolving", f"{r['load_memory_hit_resolving_s'] * 1e6:.0f} us", "resolve_ttl=0 (default)"),
+        (
+            "os.stat of every file (walk)",
+            f"{r['stat_every_file_s'] * 1000:.2f} ms",
+            f"ratio {r['warm_vs_stat']:.2f}x (goal <= 2x)",
+        ),
+        (
+            "load() memory hit, re-resolving",
+            f"{r['load_memory_hit_resolving_s'] * 1e6:.0f} us",
+            "resolve_ttl=0 (default)",
+        ),
         ("load() memory hit within resolve_ttl", f"{r['load_memory_hit_within_ttl_s'] * 1e6:.2f} us", "goal < 20 us"),
     ]
     width = max(len(a) for a, _, _ in rows)

@@ -76,8 +76,7 @@ def translate(exc: BaseException, what: str, uri: str) -> ModelLoaderError | Non
     text = f"{what}: {type(exc).__name__}: {exc}"
     if isinstance(exc, (bce.ConnectTimeoutError, bce.ReadTimeoutError)):
         return SourceTimeoutError(text, **kw)
-    checksum_error = getattr(bce, "FlexibleChecksumError", bce.ChecksumError)
-    if isinstance(exc, (checksum_error, bce.ChecksumError)):
+    if isinstance(exc, (bce.FlexibleChecksumError, bce.ChecksumError)):
         return IntegrityError(f"{what}: the S3 checksum does not match the bytes received: {exc}")
     if isinstance(
         exc,
@@ -121,11 +120,9 @@ def _client_error(exc: BaseException, what: str, kw: dict[str, str]) -> ModelLoa
 
 
 def _transport_error(exc: BaseException, text: str, kw: dict[str, str]) -> ModelLoaderError | None:
-    try:
-        from urllib3.exceptions import HTTPError as Urllib3Error
-        from urllib3.exceptions import TimeoutError as Urllib3Timeout
-    except ImportError:  # pragma: no cover - botocore always brings urllib3
-        Urllib3Error = Urllib3Timeout = ()  # type: ignore[misc,assignment]  # noqa: N806
+    from urllib3.exceptions import HTTPError as Urllib3Error  # botocore depends on urllib3
+    from urllib3.exceptions import TimeoutError as Urllib3Timeout
+
     if isinstance(exc, (TimeoutError, Urllib3Timeout)):
         return SourceTimeoutError(text, **kw)
     if isinstance(exc, (ConnectionError, Urllib3Error, http.client.HTTPException)):
