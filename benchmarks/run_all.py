@@ -1,6 +1,6 @@
 """Run every benchmark suite side by side and write benchmarks/results.json.
 
-    python benchmarks/run_all.py [--runs N] [--only core,s3,mlflow]
+python benchmarks/run_all.py [--runs N] [--only core,s3,mlflow]
 """
 
 from __future__ import annotations

@@ -67,9 +67,9 @@ class RetryPolicy(_Model):
     """
 
     attempts: int = Field(3, ge=1, le=100)
-    initial_backoff: float = Field(0.2, ge=0)
+    initial_backoff: float = Field(0.1, ge=0)
     max_backoff: float = Field(5.0, ge=0)
-    jitter: float = Field(0.2, ge=0)
+    jitter: float = Field(0.1, ge=0)
     source_deadline: float = Field(60.0, gt=0)
 
 

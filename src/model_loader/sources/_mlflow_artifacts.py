@@ -10,22 +10,28 @@ is hashed while it is written (the mlflow fallback hashes right after).
 
 from __future__ import annotations
 
+import http.client as http_client
+import logging
 import os
 import threading
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import FIRST_EXCEPTION, Future, ThreadPoolExecutor, wait
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
-from urllib.parse import quote
+from urllib.parse import quote, urlsplit
 
 from model_loader._io import CHUNK_SIZE, copy_file, hash_file, is_selected, safe_relpath, write_chunks
 from model_loader._types import FileEntry, Manifest
-from model_loader.errors import IntegrityError
-from model_loader.sources._mlflow_http import Endpoint, RestTransport
+from model_loader.errors import IntegrityError, ModelLoaderError
+from model_loader.sources._mlflow_http import Endpoint, HttpStatusError, RestTransport
 
-__all__ = ["ARTIFACTS_API", "ArtifactsMissing", "copy_local", "fetch_proxied", "fetch_with_mlflow"]
+__all__ = ["ARTIFACTS_API", "ArtifactsMissing", "Presign", "copy_local", "fetch_proxied", "fetch_with_mlflow"]
+
+logger = logging.getLogger("model_loader.sources.mlflow")
 
 ARTIFACTS_API = "/api/2.0/mlflow-artifacts/artifacts"
+PRESIGNED_API = "/api/2.0/mlflow-artifacts/presigned"
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -33,6 +39,27 @@ R = TypeVar("R")
 
 class ArtifactsMissing(LookupError):
     """The location holds no files (deleted artifacts) or none pass include/exclude."""
+
+
+@dataclass
+class Presign:
+    """Download proxied artifacts straight from storage through presigned URLs.
+
+    The tracking server hands out a presigned URL (``/mlflow-artifacts/presigned/...``,
+    MLflow >= 3 with an S3, GCS or Azure destination) and the bytes skip the server, which
+    would otherwise download each file to its own disk before streaming it on. Presigning
+    costs the server no storage call, so even 4 KiB files are cheaper this way (measured:
+    256 MiB + 200 x 4 KiB in 1.9 s, vs 3.5 s presigning only files >= 8 MiB and 5.5 s
+    streaming everything through the server). Servers that cannot presign (older versions,
+    local destinations) turn it off for this source.
+
+    Attributes:
+        min_size: Files at least this large (per the listing) use presigned URLs.
+        enabled: Cleared after the server says it cannot presign, or storage is unreachable.
+    """
+
+    min_size: int = 0
+    enabled: bool = True
 
 
 class _Aborted(Exception):
@@ -79,6 +106,7 @@ def fetch_proxied(
     include: Sequence[str],
     exclude: Sequence[str],
     workers: int,
+    presign: Presign | None = None,
 ) -> Manifest:
     """Download everything under ``root`` (a path of the server's artifact store) into ``dest``."""
     root = root.strip("/")
@@ -89,7 +117,12 @@ def fetch_proxied(
         found = http.get_json(endpoint, ARTIFACTS_API, {"path": path}).get("files", [])
         out = []
         for f in found:
-            name = str(f["path"]).rsplit("/", 1)[-1]
+            name = str(f["path"])
+            for parent in (f"{path}/", f"{rel}/"):  # some servers answer with longer paths
+                if "/" in name and parent != "/" and name.startswith(parent):
+                    name = name[len(parent) :]
+            if "/" in name:
+                raise IntegrityError(f"the artifact listing of {path!r} names {name!r}, which is not a plain name")
             child = safe_relpath(f"{rel}/{name}" if rel else name)
             size = f.get("file_size")
             out.append((child, bool(f.get("is_dir")), int(size) if size is not None else None))
@@ -113,14 +146,63 @@ def fetch_proxied(
         rel, expected = item
         target = dest / rel
         target.parent.mkdir(parents=True, exist_ok=True)
-        with http.stream(endpoint, f"{ARTIFACTS_API}/{quote(f'{root}/{rel}')}") as resp:
-            size, digest = write_chunks(_chunks(resp.read, abort), target)
+        path = quote(f"{root}/{rel}")
+        got = None
+        if presign is not None and presign.enabled and expected is not None and expected >= presign.min_size:
+            got = _presigned(http, endpoint, path, rel, target, presign, abort)
+        if got is None:
+            with http.stream(endpoint, f"{ARTIFACTS_API}/{path}") as resp:
+                got = write_chunks(_chunks(resp.read, abort), target)
+        size, digest = got
         if expected is not None and size != expected:
             raise IntegrityError(f"{rel}: received {size} bytes, the artifact listing says {expected}")
         return FileEntry(rel, size, digest)
 
     selected.sort(key=lambda item: -(item[1] or 0))  # the largest first, so it does not finish last
     return Manifest.of(run_parallel(download, selected, workers, abort))
+
+
+def _presigned(
+    http: RestTransport,
+    endpoint: Endpoint,
+    path: str,
+    rel: str,
+    target: Path,
+    presign: Presign,
+    abort: threading.Event,
+) -> tuple[int, str] | None:
+    """``(size, sha256)`` through a presigned URL, or ``None`` to stream through the server."""
+    try:
+        info = http.get_json(endpoint, f"{PRESIGNED_API}/{path}")
+    except HttpStatusError as exc:
+        if exc.status not in (400, 404, 405, 501) or exc.error_code == "RESOURCE_DOES_NOT_EXIST":
+            raise  # a 404 from MLflow itself means the file is gone, not that presigning is
+        presign.enabled = False
+        logger.info("%s cannot presign downloads (HTTP %d); streaming through it", endpoint, exc.status)
+        return None
+    parts = urlsplit(str(info.get("url", "")))
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        presign.enabled = False
+        logger.warning("%s presigned %s to a URL this client cannot use; streaming through it", endpoint, rel)
+        return None
+    host_ep = Endpoint(parts.scheme, parts.hostname, parts.port or (443 if parts.scheme == "https" else 80))
+    target_path = parts.path + (f"?{parts.query}" if parts.query else "")
+    headers = {str(k): str(v) for k, v in (info.get("headers") or {}).items()}
+    try:
+        with http.stream(host_ep, target_path, headers=headers, what=f"presigned download of {rel}") as resp:
+            return write_chunks(_chunks(resp.read, abort), target)
+    except ModelLoaderError:
+        raise  # disk full (CacheError is an OSError too)
+    except HttpStatusError as exc:
+        if exc.status == 404:
+            raise ArtifactsMissing(f"{rel} is listed but gone from storage") from exc
+        reason = f"HTTP {exc.status}"  # 403: a bucket policy or clock skew; 5xx: let the server try
+    except (OSError, http_client.HTTPException) as exc:
+        reason = type(exc).__name__  # storage unreachable from here (network policy), or cut mid-way
+    presign.enabled = False
+    target.unlink(missing_ok=True)
+    logger.warning("presigned download of %s failed (%s); streaming through %s", rel, reason, endpoint)
+    return None
 
 
 def _chunks(read: Callable[[int], bytes], abort: threading.Event) -> Iterator[bytes]:
@@ -144,9 +226,7 @@ def _walk(root: Path) -> Iterator[tuple[str, Path]]:
             yield safe_relpath(rel), full
 
 
-def copy_local(
-    root: Path, dest: Path, *, include: Sequence[str], exclude: Sequence[str], workers: int
-) -> Manifest:
+def copy_local(root: Path, dest: Path, *, include: Sequence[str], exclude: Sequence[str], workers: int) -> Manifest:
     """Copy a ``file:`` artifact directory into ``dest``, hashing while copying."""
     if not root.is_dir():
         raise ArtifactsMissing(f"no artifacts at {root} (deleted?)")
@@ -179,7 +259,7 @@ def fetch_with_mlflow(
     """
     from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
 
-    repo = get_artifact_repository(uri, tracking_uri=tracking_uri, registry_uri=registry_uri)
+    repo: Any = get_artifact_repository(uri, tracking_uri=tracking_uri, registry_uri=registry_uri)
 
     def walk(path: str | None) -> Iterator[str]:
         for info in repo.list_artifacts(path):

@@ -1,0 +1,110 @@
+"""Translating everything the MLflow source's backends raise into :mod:`model_loader.errors`.
+
+The source wraps every call in :func:`map_errors` (its one ``_map_errors``): our HTTP
+client's status errors and socket errors, ``MlflowException`` and SQLAlchemy errors from
+the ``MlflowClient`` path (recognised by module and ``error_code``, so mlflow is never
+imported here), and the S3 source's errors, re-tagged with the ``models`` scheme.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import http.client
+from collections.abc import Iterator
+from typing import NoReturn
+
+from model_loader._types import ModelRef
+from model_loader.errors import (
+    AccessDeniedError,
+    MissingDependencyError,
+    ModelLoaderError,
+    ModelNotFoundError,
+    SourceError,
+    SourceTimeoutError,
+    SourceUnavailableError,
+)
+from model_loader.sources._mlflow_artifacts import ArtifactsMissing
+from model_loader.sources._mlflow_http import HttpStatusError
+from model_loader.sources._mlflow_registry import NotFound
+
+__all__ = ["backend_error_class", "http_error_class", "map_errors"]
+
+SCHEME = "models"
+_BACKEND_MODULES = ("mlflow", "requests", "urllib3", "sqlalchemy", "botocore", "boto3", "google", "azure")
+_UNAVAILABLE_CODES = {
+    "TEMPORARILY_UNAVAILABLE",
+    "INTERNAL_ERROR",
+    "REQUEST_LIMIT_EXCEEDED",
+    "ABORTED",
+    "DEADLINE_EXCEEDED",
+}
+_DENIED_CODES = {"PERMISSION_DENIED", "UNAUTHENTICATED", "CUSTOMER_UNAUTHORIZED", "UNAUTHORIZED"}
+_NOT_FOUND_CODES = {"RESOURCE_DOES_NOT_EXIST", "NOT_FOUND"}
+
+
+@contextlib.contextmanager
+def map_errors(identity: str, ref: ModelRef, what: str) -> Iterator[None]:
+    """Translate every backend error into :mod:`model_loader.errors` (the only place)."""
+
+    def fail(cls: type[SourceError], message: str, exc: BaseException) -> NoReturn:
+        raise cls(f"{what} {ref.uri} ({identity}): {message}", scheme=SCHEME, ref=ref.uri) from exc
+
+    try:
+        yield
+    except SourceError as exc:
+        if exc.scheme == SCHEME:
+            raise
+        fail(type(exc), f"artifact store: {exc}", exc)  # from the S3 source: keep the kind, tag it as ours
+    except ModelLoaderError:
+        raise  # IntegrityError, CacheError, MissingDependencyError: already ours
+    except ImportError as exc:  # mlflow-skinny without sqlalchemy for a sqlite store, a missing SDK
+        raise MissingDependencyError(
+            f"{what} {ref.uri} ({identity}) needs a package that is not installed: {exc}; "
+            "pip install 'model-loader[mlflow]' (a sqlite or file store needs the full 'mlflow' package)",
+            extra="mlflow",
+        ) from exc
+    except HttpStatusError as exc:
+        fail(http_error_class(exc), str(exc), exc)
+    except (NotFound, ArtifactsMissing) as exc:
+        fail(ModelNotFoundError, str(exc), exc)
+    except TimeoutError as exc:
+        fail(SourceTimeoutError, f"timed out: {exc or type(exc).__name__}", exc)
+    except (ConnectionError, http.client.HTTPException) as exc:
+        fail(SourceUnavailableError, f"{type(exc).__name__}: {exc}", exc)
+    except PermissionError as exc:
+        fail(AccessDeniedError, f"permission denied: {exc}", exc)
+    except FileNotFoundError as exc:
+        fail(ModelNotFoundError, f"artifacts missing: {exc}", exc)
+    except OSError as exc:  # unreachable host or network, TLS failures, DNS
+        fail(SourceUnavailableError, f"{type(exc).__name__}: {exc}", exc)
+    except Exception as exc:
+        if not type(exc).__module__.startswith(_BACKEND_MODULES):
+            raise  # a bug of ours: let it show
+        fail(backend_error_class(exc), f"{type(exc).__name__}: {exc}", exc)
+
+
+def http_error_class(exc: HttpStatusError) -> type[SourceError]:
+    status, code = exc.status, exc.error_code
+    if status in (401, 403) or code in _DENIED_CODES:
+        return AccessDeniedError
+    if code in _NOT_FOUND_CODES or (status == 400 and "not found" in exc.message.lower()):
+        return ModelNotFoundError
+    if status == 504 or code == "DEADLINE_EXCEEDED":
+        return SourceTimeoutError
+    if status in (408, 429) or status >= 500 or code in _UNAVAILABLE_CODES:
+        return SourceUnavailableError
+    return SourceError  # 3xx (not followed), other 4xx, a non-JSON answer: permanent
+
+
+def backend_error_class(exc: Exception) -> type[SourceError]:
+    code = str(getattr(exc, "error_code", "") or "")
+    name = type(exc).__name__
+    if code in _DENIED_CODES:
+        return AccessDeniedError
+    if code in _NOT_FOUND_CODES or (code == "INVALID_PARAMETER_VALUE" and "not found" in str(exc).lower()):
+        return ModelNotFoundError
+    if "Timeout" in name or code == "DEADLINE_EXCEEDED":
+        return SourceTimeoutError
+    if code in _UNAVAILABLE_CODES or "Connection" in name or name in ("OperationalError", "DisconnectionError"):
+        return SourceUnavailableError
+    return SourceError
