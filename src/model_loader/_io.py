@@ -3,13 +3,14 @@ free-space checks, safe relative paths and include/exclude filters."""
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import fnmatch
 import hashlib
 import os
 import shutil
 import sys
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import BinaryIO
 
@@ -62,13 +63,18 @@ def is_selected(path: str, include: Sequence[str], exclude: Sequence[str]) -> bo
     return not any(fnmatch.fnmatchcase(path, pat) for pat in exclude)
 
 
-def _translate_oserror(exc: OSError, dest: Path) -> Exception:
-    if exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
-        return CacheError(f"no space left while writing {dest}: {exc.strerror}")
-    return exc
+@contextlib.contextmanager
+def _disk_errors(dest: Path) -> Iterator[None]:
+    """A full disk (or quota, or file-size limit) becomes ``CacheError``; other OSErrors pass."""
+    try:
+        yield
+    except OSError as exc:
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+            raise CacheError(f"no space left while writing {dest}: {exc.strerror}") from exc
+        raise
 
 
-def write_chunks(chunks: Iterable[bytes], dest: Path, *, fsync: bool = False) -> tuple[int, str]:
+def write_chunks(chunks: Iterable[bytes], dest: Path) -> tuple[int, str]:
     """Write ``chunks`` to a new file ``dest``, hashing as it goes.
 
     Durability is the cache's job: it syncs the whole staging tree once before publishing
@@ -82,29 +88,20 @@ def write_chunks(chunks: Iterable[bytes], dest: Path, *, fsync: bool = False) ->
     """
     digest = hashlib.sha256()
     size = 0
-    try:
-        with open(dest, "xb") as out:
-            for chunk in chunks:
-                digest.update(chunk)
-                out.write(chunk)
-                size += len(chunk)
-            if fsync:
-                out.flush()
-                os.fsync(out.fileno())
-    except OSError as exc:
-        err = _translate_oserror(exc, dest)
-        if err is exc:
-            raise
-        raise err from exc
+    with _disk_errors(dest), open(dest, "xb") as out:
+        for chunk in chunks:
+            digest.update(chunk)
+            out.write(chunk)
+            size += len(chunk)
     return size, digest.hexdigest()
 
 
-def write_stream(stream: BinaryIO, dest: Path, *, fsync: bool = False, chunk_size: int = CHUNK_SIZE) -> tuple[int, str]:
+def write_stream(stream: BinaryIO, dest: Path, *, chunk_size: int = CHUNK_SIZE) -> tuple[int, str]:
     """Copy a readable binary stream into a new file ``dest``; see :func:`write_chunks`."""
-    return write_chunks(iter(lambda: stream.read(chunk_size), b""), dest, fsync=fsync)
+    return write_chunks(iter(lambda: stream.read(chunk_size), b""), dest)
 
 
-def copy_file(src: Path, dest: Path, *, fsync: bool = False) -> tuple[int, str]:
+def copy_file(src: Path, dest: Path) -> tuple[int, str]:
     """Copy ``src`` to a new file ``dest`` in one pass that also hashes what is written.
 
     Reads into one reused buffer (no per-chunk allocation); hashing releases the GIL, so
@@ -114,22 +111,14 @@ def copy_file(src: Path, dest: Path, *, fsync: bool = False) -> tuple[int, str]:
     size = 0
     buf = bytearray(CHUNK_SIZE)
     view = memoryview(buf)
-    try:
-        with open(src, "rb", buffering=0) as f, open(dest, "xb", buffering=0) as out:
-            while n := f.readinto(buf):
-                chunk = view[:n]
-                digest.update(chunk)
-                written = 0
-                while written < n:
-                    written += out.write(chunk[written:]) or 0
-                size += n
-            if fsync:
-                os.fsync(out.fileno())
-    except OSError as exc:
-        err = _translate_oserror(exc, dest)
-        if err is exc:
-            raise
-        raise err from exc
+    with _disk_errors(dest), open(src, "rb", buffering=0) as f, open(dest, "xb", buffering=0) as out:
+        while n := f.readinto(buf):
+            chunk = view[:n]
+            digest.update(chunk)
+            written = 0
+            while written < n:
+                written += out.write(chunk[written:]) or 0
+            size += n
     return size, digest.hexdigest()
 
 

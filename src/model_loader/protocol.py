@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import ClassVar, Protocol, runtime_checkable
+from typing import Any, ClassVar, Protocol, runtime_checkable
 
 from model_loader._types import Manifest, ModelRef, ResolvedModel
 
@@ -58,6 +58,16 @@ class SourceSettings:
     max_concurrency: int = 16
     include: tuple[str, ...] = ()
     exclude: tuple[str, ...] = ()
+
+    def as_kwargs(self) -> dict[str, Any]:
+        """The settings as keyword arguments, for ``from_settings`` implementations."""
+        return {
+            "connect_timeout": self.connect_timeout,
+            "read_timeout": self.read_timeout,
+            "max_concurrency": self.max_concurrency,
+            "include": self.include,
+            "exclude": self.exclude,
+        }
 
 
 @runtime_checkable

@@ -201,13 +201,7 @@ class MlflowRegistrySource:
     @classmethod
     def from_settings(cls, settings: SourceSettings) -> MlflowRegistrySource:
         """Build from the loader's settings; URIs and credentials come from the environment."""
-        return cls(
-            connect_timeout=settings.connect_timeout,
-            read_timeout=settings.read_timeout,
-            max_concurrency=settings.max_concurrency,
-            include=settings.include,
-            exclude=settings.exclude,
-        )
+        return cls(**settings.as_kwargs())
 
     @property
     def identity(self) -> str:

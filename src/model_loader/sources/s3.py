@@ -232,13 +232,7 @@ class S3Source:
     @classmethod
     def from_settings(cls, settings: SourceSettings) -> S3Source:
         """Build from the loader's settings (timeouts, concurrency, include/exclude)."""
-        return cls(
-            connect_timeout=settings.connect_timeout,
-            read_timeout=settings.read_timeout,
-            max_concurrency=settings.max_concurrency,
-            include=settings.include,
-            exclude=settings.exclude,
-        )
+        return cls(**settings.as_kwargs())
 
     @property
     def identity(self) -> str:
