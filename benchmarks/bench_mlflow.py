@@ -38,6 +38,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import bench_core  # the same "big" model in every suite (benchmarks/ is on sys.path when run)
+
 PY = sys.executable
 AWS = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
 
@@ -143,14 +145,8 @@ class Servers:
 
 
 def make_big(root: Path, big_mib: int) -> Path:
-    model = root / "big"
-    (model / "small").mkdir(parents=True)
-    chunk = os.urandom(1024 * 1024)
-    with open(model / "weights.bin", "wb") as f:
-        for _ in range(big_mib):
-            f.write(chunk)
-    for i in range(200):
-        (model / "small" / f"part-{i:03d}.bin").write_bytes(os.urandom(4096))
+    """The "big" model of bench_core, plus an MLmodel file so MLflow treats it as a model."""
+    model = bench_core.make_big(root, big_mib)
     (model / "MLmodel").write_text("flavors: {}\n")
     return model
 

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
-import os
 import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
 
 from model_loader import CacheConfig, LoaderConfig, RetryPolicy
+from model_loader.testing.conformance import read_tree
+
+__all__ = ["Sleeps", "fast_config", "read_tree", "wait_for", "write_tree"]
 
 
 def write_tree(root: Path, files: Mapping[str, bytes]) -> None:
@@ -15,15 +17,6 @@ def write_tree(root: Path, files: Mapping[str, bytes]) -> None:
         path = root / rel
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_bytes(data)
-
-
-def read_tree(root: Path) -> dict[str, bytes]:
-    out = {}
-    for dirpath, _, names in os.walk(root):
-        for name in names:
-            full = Path(dirpath, name)
-            out[full.relative_to(root).as_posix()] = full.read_bytes()
-    return out
 
 
 def fast_config(cache_dir: Path, **changes: object) -> LoaderConfig:

@@ -10,18 +10,12 @@ from pathlib import Path
 
 import pytest
 
+from helpers import write_tree
 from model_loader import IntegrityError, ModelNotFoundError, ModelRef, StaleResolutionError, parse_ref
 from model_loader.sources import local as local_module
 from model_loader.sources.local import LocalSource
 from model_loader.testing import InMemorySource
 from model_loader.testing.conformance import SourceConformanceTests, sample_files
-
-
-def write_tree(root: Path, files: Mapping[str, bytes]) -> None:
-    for rel, data in files.items():
-        path = root / rel
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_bytes(data)
 
 
 class TestLocalConformance(SourceConformanceTests):

@@ -137,7 +137,11 @@ class Manifest:
 
 @dataclass(frozen=True, slots=True)
 class Timings:
-    """Seconds spent in each step of one load."""
+    """Seconds spent in each step of one load.
+
+    ``verify`` is the disk-hit check on a cache hit, or the staged-file check and publish
+    after a download; ``fetch`` is the rest of getting the files (the download itself).
+    """
 
     resolve: float = 0.0
     fetch: float = 0.0

@@ -307,12 +307,12 @@ class ResilientLoader:
     ) -> tuple[FetchResult, Any]:
         t0 = time.monotonic()
         try:
-            entry, fetched = self._materialize(spec, resolved, deadline)
+            entry, fetched, t_verify = self._materialize(spec, resolved, deadline)
         except StaleResolutionError:
             logger.warning("%s changed while fetching %s; resolving again", spec.uri, resolved.version)
             resolved = self._retry(lambda: spec.source.resolve(spec.ref), deadline, spec, "resolve")
-            entry, fetched = self._materialize(spec, resolved, deadline)
-        t_fetch = time.monotonic() - t0
+            entry, fetched, t_verify = self._materialize(spec, resolved, deadline)
+        t_fetch = time.monotonic() - t0 - t_verify
         result = FetchResult(
             path=entry.path,
             source=spec.uri,
@@ -320,7 +320,7 @@ class ResilientLoader:
             version=entry.version,
             digest=entry.digest,
             from_cache=not fetched,
-            timings=Timings(resolve=t_resolve, fetch=t_fetch, total=time.monotonic() - start),
+            timings=Timings(resolve=t_resolve, fetch=t_fetch, verify=t_verify, total=time.monotonic() - start),
             failures=_describe(failures),
         )
         obj = self._deserialize(fn, result, entry.key) if fn is not None else None
@@ -340,15 +340,22 @@ class ResilientLoader:
 
         return self.memory.get_or_load((key, fn), build)[1]
 
-    def _materialize(self, spec: SourceSpec, resolved: ResolvedModel, deadline: float) -> tuple[CachedEntry, bool]:
-        """The verified cache entry for ``resolved``, fetching it if needed. -> (entry, fetched)."""
+    def _materialize(
+        self, spec: SourceSpec, resolved: ResolvedModel, deadline: float
+    ) -> tuple[CachedEntry, bool, float]:
+        """The verified cache entry for ``resolved``, fetching it if needed.
+
+        Returns:
+            ``(entry, fetched, seconds spent verifying)``.
+        """
         key = resolved.cache_key
+        t0 = time.monotonic()
         try:
             hit = self.cache.lookup(key)
         except IntegrityError:
             hit = None  # corrupt: re-checked and quarantined under the lock below
         if hit is not None:
-            return hit, False
+            return hit, False, time.monotonic() - t0
         with self.cache.lock(key):
             try:
                 hit = self.cache.lookup(key)
@@ -356,7 +363,7 @@ class ResilientLoader:
                 self.cache.quarantine(key, str(exc))
                 hit = None
             if hit is not None:
-                return hit, False  # another process fetched it while we waited
+                return hit, False, 0.0  # another process fetched it while we waited
             self.cache.clean_stale_staging(key)
             expected = sum(f.size for f in resolved.files) if resolved.files is not None else None
             with self.cache.staging(key, expected) as stage:
@@ -373,7 +380,9 @@ class ResilientLoader:
                     manifest = self._retry(attempt, deadline, spec, "fetch")
                 finally:
                     self._observer.fetch_finished(spec.uri)
-                return self.cache.publish(stage, resolved, manifest, spec.uri), True
+                t0 = time.monotonic()
+                entry = self.cache.publish(stage, resolved, manifest, spec.uri)
+                return entry, True, time.monotonic() - t0
 
     def _serve_cached(
         self, fn: LoaderFn | None, start: float, failures: list[tuple[str, BaseException]], *, offline: bool

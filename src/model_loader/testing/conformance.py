@@ -34,7 +34,7 @@ from model_loader._types import ModelRef, ResolvedModel
 from model_loader.errors import ModelNotFoundError, SourceUnavailableError, StaleResolutionError
 from model_loader.protocol import ModelSource, SourceCapabilities, SupportsVersionHistory
 
-__all__ = ["Publish", "SourceConformanceTests", "sample_files"]
+__all__ = ["Publish", "SourceConformanceTests", "read_tree", "sample_files"]
 
 Publish = Callable[[str, Mapping[str, bytes], str], ModelRef]
 
@@ -50,7 +50,8 @@ def sample_files(seed: str = "a") -> dict[str, bytes]:
     }
 
 
-def _read_tree(root: Path) -> dict[str, bytes]:
+def read_tree(root: Path) -> dict[str, bytes]:
+    """Every file under ``root`` as relative POSIX path -> bytes."""
     out = {}
     for dirpath, _, names in os.walk(root):
         for name in names:
@@ -106,7 +107,7 @@ class SourceConformanceTests:
         dest = tmp_path / "dest"
         dest.mkdir()
         manifest = source.fetch(resolved, dest)
-        assert _read_tree(dest) == files
+        assert read_tree(dest) == files
         assert {e.path: e.size for e in manifest.files} == {p: len(b) for p, b in files.items()}
         assert {e.path: e.sha256 for e in manifest.files} == {
             p: hashlib.sha256(b).hexdigest() for p, b in files.items()
@@ -135,13 +136,13 @@ class SourceConformanceTests:
         dest.mkdir()
         if type(source).capabilities.immutable_versions:
             source.fetch(old, dest)
-            assert _read_tree(dest) == old_files
+            assert read_tree(dest) == old_files
         else:
             try:
                 source.fetch(old, dest)
             except StaleResolutionError:
                 return
-            assert _read_tree(dest) == old_files
+            assert read_tree(dest) == old_files
 
     def test_unreachable_backend_raises_source_unavailable(
         self, source: ModelSource, unavailable_source: ModelSource | None, publish: Publish
