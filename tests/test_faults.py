@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -174,3 +175,48 @@ def test_a_corrupt_entry_found_by_two_processes_is_fetched_again_once(tmp_path: 
     assert sorted(o["from_cache"] for o in outs) == [False, True]
     assert read_tree(Path(outs[0]["path"])) == files
     assert _staging(cache) == []
+
+
+def test_an_unreadable_file_is_access_denied_and_leaves_nothing_in_the_cache() -> None:
+    import tempfile
+
+    import filelock  # noqa: F401 - loaded before the fork: the child may not read root's files
+    import tenacity  # noqa: F401
+
+    base = Path(tempfile.mkdtemp(prefix="ml-unreadable-", dir="/tmp"))
+    try:
+        os.chmod(base, 0o755)
+        model = base / "model"
+        write_tree(model, {"ok.txt": b"1", "secret.bin": b"2" * 100})
+        os.chmod(model / "secret.bin", 0)
+        cache = base / "cache"
+        cache.mkdir(mode=0o777)
+        os.chmod(cache, 0o777)
+        read_fd, write_fd = os.pipe()
+        pid = os.fork()
+        if pid == 0:  # the child drops root (which reads anything) and tries to load
+            code = 1
+            try:
+                if os.geteuid() == 0:
+                    os.setgid(65534)
+                    os.setuid(65534)
+                try:
+                    ResilientLoader([str(model)], config=fast_config(cache)).fetch()
+                    message = "served"
+                except Exception as exc:
+                    failures = getattr(exc, "failures", [])
+                    message = f"{type(exc).__name__}:{','.join(type(e).__name__ for _, e in failures)}"
+                os.write(write_fd, message.encode())
+                code = 0
+            finally:
+                os._exit(code)
+        os.close(write_fd)
+        _, status = os.waitpid(pid, 0)
+        outcome = os.read(read_fd, 4096).decode()
+        os.close(read_fd)
+        assert status == 0
+        assert outcome.startswith("AllSourcesFailedError:AccessDeniedError"), outcome
+        assert list((cache / "entries").iterdir()) == []
+        assert _staging(cache) == []
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
