@@ -233,3 +233,19 @@ def test_unreadable_manifest_is_an_integrity_error(tmp_path: Path) -> None:
 def test_write_tree_helper_roundtrip(tmp_path: Path) -> None:
     write_tree(tmp_path, {"a/b": b"1"})
     assert read_tree(tmp_path) == {"a/b": b"1"}
+
+
+def test_a_loader_releases_the_lease_of_a_version_it_no_longer_serves(tmp_path: Path) -> None:
+    store = InMemorySource()
+    ref = store.publish("m", {"w": b"1"}, alias="prod")
+    loader = _loader(tmp_path, store, ref)
+    old = loader.fetch()
+    store.publish("m", {"w": b"2"}, alias="prod")
+    new = loader.fetch()
+    other_process = DiskCache(tmp_path / "cache")  # a separate lease table, as in a pruning process
+    evicted = other_process._evict(next(e for e, _ in other_process.entries() if e.version == "m/1"))
+    assert evicted  # not leased any more: the loader moved on to m/2
+    assert not old.path.exists()
+    newest = next(e for e, _ in other_process.entries() if e.version == "m/2")
+    assert other_process._evict(newest) is False  # still served, so still leased
+    assert new.path.exists()

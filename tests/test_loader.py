@@ -282,8 +282,11 @@ def test_load_caches_the_object_in_memory_per_version(tmp_path: Path) -> None:
 
     loader = make(tmp_path, [(store, ref)])
     assert loader.load(load) == b"1"
+    assert loader.last_result is not None
+    assert loader.last_result.from_cache is False
     assert loader.load(load) == b"1"
     assert len(built) == 1
+    assert loader.last_result.from_cache is True  # served from memory: nothing downloaded
     store.publish("m", {"w": b"2"}, alias="prod")
     assert loader.load(load) == b"2"
     assert len(built) == 2

@@ -212,7 +212,7 @@ class DiskCache:
         """Move a corrupt entry aside (call with the entry's lock held)."""
         src = self._entries / key
         dest = self._quarantine / f"{key}.{uuid.uuid4().hex[:8]}"
-        self._release_lease(key)
+        self.release_lease(key)
         try:
             os.replace(src, dest)
         except FileNotFoundError:
@@ -238,7 +238,8 @@ class DiskCache:
                 return
             self._leases[key] = fd
 
-    def _release_lease(self, key: str) -> None:
+    def release_lease(self, key: str) -> None:
+        """Stop protecting ``key`` from eviction by other processes (it is no longer served)."""
         with self._mutex:
             fd = self._leases.pop(key, None)
         if fd is not None:
@@ -247,7 +248,7 @@ class DiskCache:
     def release_all(self) -> None:
         """Drop every lease this process holds."""
         for key in list(self._leases):
-            self._release_lease(key)
+            self.release_lease(key)
 
     def _touch(self, key: str, root: Path) -> None:
         now = time.monotonic()

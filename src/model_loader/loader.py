@@ -146,6 +146,7 @@ class ResilientLoader:
             raise
         self.last_result: FetchResult | None = None
         self._recent: dict[LoaderFn | None, tuple[float, FetchResult, Any]] = {}
+        self._serving: dict[str, str] = {}  # source uri -> cache key it serves now
 
     def _spec(self, item: SourceLike) -> SourceSpec:
         if isinstance(item, tuple):
@@ -266,7 +267,7 @@ class ResilientLoader:
             if hit is not None:
                 result, obj = hit
                 timings = Timings(resolve=t_resolve, total=time.monotonic() - start)
-                return _replace(result, timings=timings, failures=_describe(failures)), obj
+                return _replace(result, from_cache=True, timings=timings, failures=_describe(failures)), obj
         candidates: list[ResolvedModel] = [resolved]
         errors: list[BaseException] = []
         history_checked = False
@@ -325,9 +326,17 @@ class ResilientLoader:
         )
         obj = self._deserialize(fn, result, entry.key) if fn is not None else None
         self.cache.record_ref(spec.source.identity, spec.ref.uri, entry, spec.uri)
+        self._now_serving(spec.uri, entry.key)
         if fetched and self.cache.max_size is not None:
             self.cache.prune()
         return result, obj
+
+    def _now_serving(self, uri: str, key: str) -> None:
+        """Release the lease on the version this source served before, once nothing serves it."""
+        previous = self._serving.get(uri)
+        self._serving[uri] = key
+        if previous is not None and previous != key and previous not in self._serving.values():
+            self.cache.release_lease(previous)
 
     def _deserialize(self, fn: LoaderFn, result: FetchResult, key: str) -> Any:
         def build() -> tuple[FetchResult, Any]:
