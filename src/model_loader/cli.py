@@ -244,7 +244,9 @@ class _Progress:
 
     def _draw(self, source: str, staging: Path, expected: int | None) -> None:
         start = time.monotonic()
-        while not self._stop.wait(0.2):
+        last = False
+        while not last:
+            last = self._stop.wait(0.2)  # one final draw after the download ends: the bar shows 100%
             done = 0
             for dirpath, _, names in os.walk(staging):
                 for name in names:
