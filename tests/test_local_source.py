@@ -146,3 +146,31 @@ def test_a_file_changed_between_resolve_and_fetch_is_stale(tmp_path: Path) -> No
     dest.mkdir()
     with pytest.raises(StaleResolutionError, match=r"a\.bin"):
         source.fetch(resolved, dest)
+
+
+def test_a_fresh_process_reuses_the_persisted_hash_memo(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    model = tmp_path / "model"
+    write_tree(model, sample_files("persist"))
+    state = tmp_path / "state"
+    first = LocalSource(state_dir=state).resolve(parse_ref(str(model)))
+    hashed: list[str] = []
+    real = local_module.hash_file
+    monkeypatch.setattr(local_module, "hash_file", lambda p: hashed.append(p.name) or real(p))
+    again = LocalSource(state_dir=state).resolve(parse_ref(str(model)))  # a new instance: as a new process
+    assert again.version == first.version
+    assert hashed == []
+    (model / "model.bin").write_bytes(b"changed")
+    changed = LocalSource(state_dir=state).resolve(parse_ref(str(model)))
+    assert hashed == ["model.bin"]
+    assert changed.version != first.version
+    assert LocalSource(state_dir=state).resolve(parse_ref(str(model))).version == changed.version
+    assert hashed == ["model.bin"]  # the memo file was brought up to date
+
+
+def test_an_unwritable_state_dir_only_costs_rehashing(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    model = tmp_path / "model"
+    write_tree(model, {"a": b"1"})
+    (tmp_path / "state").write_text("a file where the state directory should be")
+    resolved = LocalSource(state_dir=tmp_path / "state").resolve(parse_ref(str(model)))
+    assert resolved.files is not None
+    assert "could not save the hash memo" in caplog.text

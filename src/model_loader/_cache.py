@@ -8,6 +8,7 @@ Layout under the cache root::
     entries/<key>/.lease            shared-locked by processes serving the entry
     entries/<key>/.used             its mtime is the LRU clock
     refs/<ref-key>.json             last-known-good: (source identity, reference) -> entry
+    state/                          sources' own state, e.g. the local source's hash memo
     .staging/<key>.<uuid>/          one fetch in progress (same filesystem as entries/)
     .locks/<key>.lock               per-entry file lock: only saves duplicate downloads
     .quarantine/<key>.<uuid>/       corrupt entries, kept for inspection until pruned
@@ -122,6 +123,7 @@ class DiskCache:
         self._staging = self.root / ".staging"
         self._locks = self.root / ".locks"
         self._quarantine = self.root / ".quarantine"
+        self.state_dir = self.root / "state"  # sources' own small state (SourceSettings.state_dir)
         try:
             for d in (self._entries, self._refs, self._staging, self._locks, self._quarantine):
                 d.mkdir(parents=True, exist_ok=True)

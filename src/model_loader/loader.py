@@ -133,6 +133,7 @@ class ResilientLoader:
             max_concurrency=c.max_concurrency,
             include=c.include,
             exclude=c.exclude,
+            state_dir=self.cache.state_dir,
         )
         items = list(sources) if sources is not None else list(c.sources)
         if not items:

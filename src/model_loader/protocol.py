@@ -51,6 +51,8 @@ class SourceSettings:
         max_concurrency: Parallel transfers a source may run.
         include: Glob patterns of relative paths to fetch (empty: everything).
         exclude: Glob patterns of relative paths to skip.
+        state_dir: A directory a source may keep small state in across processes (the
+            loader gives ``<cache>/state``); ``None``: keep nothing.
     """
 
     connect_timeout: float = 5.0
@@ -58,9 +60,10 @@ class SourceSettings:
     max_concurrency: int = 16
     include: tuple[str, ...] = ()
     exclude: tuple[str, ...] = ()
+    state_dir: Path | None = None
 
     def as_kwargs(self) -> dict[str, Any]:
-        """The settings as keyword arguments, for ``from_settings`` implementations."""
+        """The transfer settings as keyword arguments, for ``from_settings`` implementations."""
         return {
             "connect_timeout": self.connect_timeout,
             "read_timeout": self.read_timeout,

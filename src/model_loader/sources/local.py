@@ -5,6 +5,8 @@ from __future__ import annotations
 import contextlib
 import errno
 import hashlib
+import json
+import logging
 import os
 import stat
 import threading
@@ -27,6 +29,8 @@ from model_loader.protocol import SourceCapabilities, SourceSettings
 
 __all__ = ["LocalSource"]
 
+logger = logging.getLogger(__name__)
+
 _Stamp = tuple[int, int, int, int]  # (device, inode, size, mtime_ns)
 
 
@@ -42,6 +46,8 @@ class LocalSource:
         include: Globs of relative paths to serve (empty: all).
         exclude: Globs of relative paths to skip.
         max_concurrency: Files copied in parallel by ``fetch``.
+        state_dir: Where to persist the hash memo, so a fresh process re-hashes only files
+            whose (device, inode, size, mtime) changed. ``None``: memo in memory only.
 
     Example:
         >>> src = LocalSource()
@@ -52,18 +58,31 @@ class LocalSource:
     capabilities: ClassVar[SourceCapabilities] = SourceCapabilities(remote=False)
 
     def __init__(
-        self, *, include: tuple[str, ...] = (), exclude: tuple[str, ...] = (), max_concurrency: int = 4
+        self,
+        *,
+        include: tuple[str, ...] = (),
+        exclude: tuple[str, ...] = (),
+        max_concurrency: int = 4,
+        state_dir: Path | None = None,
     ) -> None:
         self._include = tuple(include)
         self._exclude = tuple(exclude)
         self._workers = max(1, max_concurrency)
         self._hashes: dict[str, tuple[_Stamp, FileEntry]] = {}
+        self._state_dir = Path(state_dir) / "local" if state_dir is not None else None
+        self._loaded_memos: set[str] = set()
+        self._hashed = 0  # files hashed by this instance: a change means the memo file is stale
         self._resolved: dict[ModelRef, tuple[list[tuple[str, int, int, int, int]], ResolvedModel]] = {}
         self._lock = threading.Lock()
 
     @classmethod
     def from_settings(cls, settings: SourceSettings) -> LocalSource:
-        return cls(include=settings.include, exclude=settings.exclude, max_concurrency=min(settings.max_concurrency, 8))
+        return cls(
+            include=settings.include,
+            exclude=settings.exclude,
+            max_concurrency=min(settings.max_concurrency, 8),
+            state_dir=settings.state_dir,
+        )
 
     @property
     def identity(self) -> str:
@@ -106,7 +125,11 @@ class LocalSource:
             memo = self._resolved.get(ref)
             if memo is not None and memo[0] == signature:
                 return memo[1]
+            memo_file = self._load_memo(root)
+            hashed_before = self._hashed
             entries = [self._entry(rel, full, s) for rel, full, s in found]
+            if memo_file is not None and (self._hashed != hashed_before or not memo_file.exists()):
+                self._save_memo(memo_file, {full for _, full, _ in found})
         if not entries:
             raise ModelNotFoundError(f"{root} holds no files to serve", scheme="file", ref=ref.uri)
         entries.sort(key=lambda e: e.path)
@@ -151,6 +174,44 @@ class LocalSource:
                         continue
                     yield rel, item.path, item.stat()
 
+    def _memo_path(self, root: Path) -> Path | None:
+        if self._state_dir is None:
+            return None
+        key = hashlib.sha256(os.path.realpath(root).encode()).hexdigest()[:32]
+        return self._state_dir / f"{key}.json"
+
+    def _load_memo(self, root: Path) -> Path | None:
+        """Merge the persisted hash memo of ``root`` (once per process). Returns its path."""
+        path = self._memo_path(root)
+        if path is None or str(path) in self._loaded_memos:
+            return path
+        self._loaded_memos.add(str(path))
+        try:
+            rows = json.loads(path.read_bytes())
+        except FileNotFoundError:
+            return path
+        except (OSError, ValueError) as exc:
+            logger.warning("ignoring unreadable hash memo %s: %s", path, exc)
+            return path
+        with self._lock:
+            for full, dev, ino, size, mtime, rel, sha in rows:
+                self._hashes.setdefault(full, ((dev, ino, size, mtime), FileEntry(rel, size, sha)))
+        return path
+
+    def _save_memo(self, path: Path, files: set[str]) -> None:
+        """Persist the memo of these files atomically; a failure costs only re-hashing later."""
+        with self._lock:
+            rows = [[full, *stamp, e.path, e.sha256] for full, (stamp, e) in self._hashes.items() if full in files]
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp.write_text(json.dumps(rows))
+            os.replace(tmp, path)
+        except OSError as exc:
+            logger.warning("could not save the hash memo %s (the next process re-hashes): %s", path, exc)
+            with contextlib.suppress(FileNotFoundError, NotADirectoryError):  # never created
+                tmp.unlink()
+
     def _entry(self, rel: str, full: str, st: os.stat_result) -> FileEntry:
         stamp = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
         memo = self._hashes.get(full)
@@ -159,6 +220,7 @@ class LocalSource:
         entry = FileEntry(rel, st.st_size, hash_file(Path(full)))
         with self._lock:
             self._hashes[full] = (stamp, entry)
+            self._hashed += 1
         return entry
 
     def fetch(self, resolved: ResolvedModel, dest: Path) -> Manifest:
