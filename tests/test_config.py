@@ -72,9 +72,19 @@ def test_arguments_win_over_environment(tmp_path: Path) -> None:
 def test_defaults_need_no_environment(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     monkeypatch.delenv("MODEL_LOADER_CACHE_DIR", raising=False)
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
-    cfg = LoaderConfig.from_env({})
+    cfg = LoaderConfig.from_env()
     assert cfg.cache.dir == tmp_path / "model_loader"
     assert cfg.retry == RetryPolicy()
+
+
+def test_a_given_environment_is_the_only_one_read(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setenv("MODEL_LOADER_CACHE_DIR", str(tmp_path / "from-process"))
+    monkeypatch.setenv("MODEL_LOADER_DEADLINE", "7")
+    cfg = LoaderConfig.from_env({"XDG_CACHE_HOME": str(tmp_path / "xdg")})
+    assert cfg.cache.dir == tmp_path / "xdg" / "model_loader"
+    assert cfg.deadline == LoaderConfig.model_fields["deadline"].default
+    given = LoaderConfig.from_env({"MODEL_LOADER_CACHE_DIR": str(tmp_path / "given")})
+    assert given.cache.dir == tmp_path / "given"
 
 
 @pytest.mark.parametrize(

@@ -14,7 +14,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from model_loader._types import FetchResult, FileEntry, Manifest, ModelRef, ResolvedModel, Timings
+from model_loader._deadline import Deadline, FetchContext
+from model_loader._types import FetchResult, FileEntry, LoadedModel, Manifest, ModelRef, ResolvedModel, Timings
 from model_loader._uri import parse_ref
 from model_loader.errors import (
     AccessDeniedError,
@@ -23,6 +24,7 @@ from model_loader.errors import (
     DeserializationError,
     IntegrityError,
     InvalidReferenceError,
+    InvalidResponseError,
     MissingDependencyError,
     ModelLoaderError,
     ModelNotFoundError,
@@ -52,12 +54,16 @@ __all__ = [
     "AllSourcesFailedError",
     "CacheConfig",
     "CacheError",
+    "Deadline",
     "DeserializationError",
+    "FetchContext",
     "FetchObserver",
     "FetchResult",
     "FileEntry",
     "IntegrityError",
     "InvalidReferenceError",
+    "InvalidResponseError",
+    "LoadedModel",
     "LoaderConfig",
     "Manifest",
     "MissingDependencyError",

@@ -9,11 +9,12 @@ import hashlib
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal, NamedTuple
 
 __all__ = [
     "FetchResult",
     "FileEntry",
+    "LoadedModel",
     "Manifest",
     "ModelRef",
     "ResolvedModel",
@@ -63,12 +64,18 @@ class FileEntry:
         size: Size in bytes.
         sha256: Hex SHA-256 of the content, when known.
         pin: A source-specific pin for fetching exactly this content (ETag, VersionId).
+        verified: How the received bytes were checked against what the origin published,
+            beyond their size: ``"sha256"`` (a SHA-256 known before the download),
+            ``"md5"`` (S3 single-part ETag), ``"md5-parts"`` (S3 multipart ETag),
+            ``"s3-crc32"``, ``"s3-crc32c"``, ``"s3-sha1"``, ``"s3-sha256"``,
+            ``"s3-crc64nvme"`` (checksums S3 stores); ``None``: the size only.
     """
 
     path: str
     size: int
     sha256: str | None = None
     pin: str | None = None
+    verified: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -127,6 +134,11 @@ class Manifest:
         return sum(e.size for e in self.files)
 
     @property
+    def verified(self) -> bool:
+        """True when every file was checked end to end (see :attr:`FileEntry.verified`)."""
+        return all(e.verified for e in self.files)
+
+    @property
     def digest(self) -> str:
         """``sha256:<hex>`` over the sorted (path, size, sha256) triples: the content's identity."""
         h = hashlib.sha256()
@@ -140,13 +152,24 @@ class Timings:
     """Seconds spent in each step of one load.
 
     ``verify`` is the disk-hit check on a cache hit, or the staged-file check and publish
-    after a download; ``fetch`` is the rest of getting the files (the download itself).
+    after a download; ``fetch`` is the rest of getting the files (the download itself);
+    ``deserialize`` is the ``loader_fn`` (``load()`` only; 0 for a memory hit).
     """
 
     resolve: float = 0.0
     fetch: float = 0.0
     verify: float = 0.0
+    deserialize: float = 0.0
     total: float = 0.0
+
+    def as_dict(self) -> dict[str, float]:
+        return {
+            "resolve": self.resolve,
+            "fetch": self.fetch,
+            "verify": self.verify,
+            "deserialize": self.deserialize,
+            "total": self.total,
+        }
 
 
 @dataclass(frozen=True, slots=True)
@@ -162,8 +185,13 @@ class FetchResult:
         from_cache: True when no bytes were downloaded.
         degraded: True when every source failed and a last-known-good version was served.
         offline: True when served in offline mode (no source was contacted).
-        timings: Seconds spent resolving, fetching, verifying.
+        timings: Seconds spent resolving, fetching, verifying, deserializing.
         failures: ``(source_uri, "ErrorType: message")`` for each source that failed first.
+        verified: True when every file was checked end to end against a hash or checksum
+            the origin published (not only its size); see ``FileEntry.verified``.
+        size: Bytes of the model's files.
+        downloaded: Bytes downloaded for this result (0 when served from a cache).
+        retries: ``(source_uri, count)`` of the retries each source needed.
     """
 
     path: Path
@@ -176,6 +204,10 @@ class FetchResult:
     offline: bool = False
     timings: Timings = field(default_factory=Timings)
     failures: tuple[tuple[str, str], ...] = ()
+    verified: bool = False
+    size: int = 0
+    downloaded: int = 0
+    retries: tuple[tuple[str, int], ...] = ()
 
     def to_dict(self) -> dict[str, object]:
         """A JSON-ready dict (used by ``model-loader fetch --json``)."""
@@ -188,11 +220,20 @@ class FetchResult:
             "from_cache": self.from_cache,
             "degraded": self.degraded,
             "offline": self.offline,
-            "timings": {
-                "resolve": self.timings.resolve,
-                "fetch": self.timings.fetch,
-                "verify": self.timings.verify,
-                "total": self.timings.total,
-            },
+            "verified": self.verified,
+            "size": self.size,
+            "downloaded": self.downloaded,
+            "timings": self.timings.as_dict(),
             "failures": [{"source": s, "error": e} for s, e in self.failures],
+            "retries": {s: n for s, n in self.retries},
         }
+
+
+class LoadedModel(NamedTuple):
+    """What :meth:`ResilientLoader.load_with_result` returns: the object and what served it.
+
+    Unpacks as ``model, result = loader.load_with_result()``.
+    """
+
+    model: Any
+    result: FetchResult

@@ -39,12 +39,17 @@ def parse_size(value: int | str) -> int:
     return int(number * factor)
 
 
-def default_cache_dir() -> Path:
-    """``$MODEL_LOADER_CACHE_DIR``, else ``$XDG_CACHE_HOME/model_loader``, else ``~/.cache/model_loader``."""
-    explicit = os.environ.get("MODEL_LOADER_CACHE_DIR")
+def default_cache_dir(environ: Mapping[str, str] | None = None) -> Path:
+    """``$MODEL_LOADER_CACHE_DIR``, else ``$XDG_CACHE_HOME/model_loader``, else ``~/.cache/model_loader``.
+
+    Args:
+        environ: Read the variables from this mapping instead of ``os.environ``.
+    """
+    env = os.environ if environ is None else environ
+    explicit = env.get("MODEL_LOADER_CACHE_DIR")
     if explicit:
         return Path(explicit).expanduser()
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    base = env.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
     return Path(base) / "model_loader"
 
 
@@ -59,14 +64,15 @@ class RetryPolicy(_Model):
     """How a failing source is retried (only ``SourceUnavailableError`` is retried).
 
     Attributes:
-        attempts: Attempts per step (resolve, fetch) per source, the first included.
+        attempts: Attempts per step (resolve, fetch) per source, the first included. A
+            fetch attempt that made progress (completed files are kept) does not count.
         initial_backoff: Seconds before the first retry; doubles each time.
         max_backoff: Cap on one backoff.
         jitter: Up to this many seconds added at random to each backoff.
         source_deadline: Seconds one source may take in all before the next is tried.
     """
 
-    attempts: int = Field(3, ge=1, le=100)
+    attempts: int = Field(5, ge=1, le=100)
     initial_backoff: float = Field(0.1, ge=0)
     max_backoff: float = Field(5.0, ge=0)
     jitter: float = Field(0.1, ge=0)
@@ -80,7 +86,9 @@ class CacheConfig(_Model):
         dir: Cache root. Default: ``$MODEL_LOADER_CACHE_DIR`` or ``~/.cache/model_loader``.
         max_size: Evict least recently used entries beyond this many bytes (``"20GiB"``).
         verify: On a disk hit, check sizes and manifest (``fast``) or every hash (``full``).
-        lock_timeout: Seconds to wait for another process fetching the same entry.
+        lock_timeout: Seconds to wait for another process fetching the same entry while
+            its download shows no progress; then this process fetches on its own (a lock
+            only saves bandwidth). Never longer than the load's deadline.
         min_free: Bytes that must stay free on the cache's filesystem after a fetch.
         memory_items: Loaded objects kept in memory per loader.
     """
@@ -88,7 +96,7 @@ class CacheConfig(_Model):
     dir: Path = Field(default_factory=default_cache_dir)
     max_size: Size | None = None
     verify: Literal["fast", "full"] = "fast"
-    lock_timeout: float = Field(600.0, gt=0)
+    lock_timeout: float = Field(30.0, gt=0)
     min_free: Size = 0
     memory_items: int = Field(4, ge=0)
 
@@ -105,7 +113,11 @@ class LoaderConfig(_Model):
         sources: Source URIs, tried in order (used when the loader is given none).
         connect_timeout: Seconds to open a connection.
         read_timeout: Seconds to wait for bytes on an open connection.
-        deadline: Seconds one ``fetch()`` may take across all sources.
+        deadline: Seconds one ``fetch()`` may take across all sources: every connect,
+            read, body, listing, lock wait and backoff is capped by what is left.
+        resolve_timeout: Seconds resolving may take on one source, retries included,
+            when there is something to fall back on (a later source, or a last-known-good
+            version in the cache); otherwise the source deadline applies.
         offline: Serve only from the cache; never touch the network.
         max_concurrency: Parallel transfers per fetch.
         include: Globs of model files to fetch (empty: all).
@@ -113,6 +125,9 @@ class LoaderConfig(_Model):
         fallback_versions: On a broken version, try up to this many earlier versions.
         resolve_ttl: Seconds a ``fetch()``/``load()`` result is reused without resolving
             again (0: resolve on every call). Set it when ``load()`` sits on a hot path.
+        require_verified: Refuse a model unless every file was checked end to end
+            against a hash or checksum its origin published (not only its size).
+        allow_local_artifacts: Let a remote registry point at local paths for artifacts.
         retry: The retry policy.
         cache: The cache settings.
     """
@@ -121,12 +136,15 @@ class LoaderConfig(_Model):
     connect_timeout: float = Field(5.0, gt=0)
     read_timeout: float = Field(60.0, gt=0)
     deadline: float = Field(600.0, gt=0)
+    resolve_timeout: float = Field(4.0, gt=0)
     offline: bool = False
     max_concurrency: int = Field(16, ge=1, le=256)
     include: tuple[str, ...] = ()
     exclude: tuple[str, ...] = ()
     fallback_versions: int = Field(0, ge=0, le=100)
     resolve_ttl: float = Field(0.0, ge=0)
+    require_verified: bool = False
+    allow_local_artifacts: bool = False
     retry: RetryPolicy = Field(default_factory=RetryPolicy)
     cache: CacheConfig = Field(default_factory=CacheConfig)
 
@@ -143,8 +161,9 @@ class LoaderConfig(_Model):
 
         Variables: ``SOURCES`` (comma-separated), ``CACHE_DIR``, ``MAX_CACHE_SIZE``, ``VERIFY``,
         ``CONNECT_TIMEOUT``, ``READ_TIMEOUT``, ``DEADLINE``, ``OFFLINE``, ``MAX_CONCURRENCY``,
-        ``INCLUDE``, ``EXCLUDE``, ``FALLBACK_VERSIONS``, ``RESOLVE_TTL``, ``RETRY_ATTEMPTS``,
-        ``SOURCE_DEADLINE``, ``LOCK_TIMEOUT``, ``MEMORY_ITEMS``.
+        ``INCLUDE``, ``EXCLUDE``, ``FALLBACK_VERSIONS``, ``RESOLVE_TTL``, ``RESOLVE_TIMEOUT``,
+        ``REQUIRE_VERIFIED``, ``ALLOW_LOCAL_ARTIFACTS``, ``RETRY_ATTEMPTS``, ``SOURCE_DEADLINE``,
+        ``LOCK_TIMEOUT``, ``MEMORY_ITEMS``.
 
         Raises:
             pydantic.ValidationError: A value is invalid; the message names the variable's field.
@@ -161,6 +180,8 @@ class LoaderConfig(_Model):
         data: dict[str, Any] = {**env}
         if retry:
             data["retry"] = RetryPolicy(**retry)
+        if environ is not None and "dir" not in cache:
+            cache["dir"] = default_cache_dir(environ)  # the given mapping only, never os.environ
         if cache:
             data["cache"] = CacheConfig(**cache)
         data.update(overrides)
@@ -202,6 +223,9 @@ def _read_env(environ: Mapping[str, str] | None) -> dict[str, Any]:
         exclude: str | None = None
         fallback_versions: str | None = None
         resolve_ttl: str | None = None
+        resolve_timeout: str | None = None
+        require_verified: str | None = None
+        allow_local_artifacts: str | None = None
         retry_attempts: str | None = None
         source_deadline: str | None = None
         lock_timeout: str | None = None

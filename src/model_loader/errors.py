@@ -12,7 +12,8 @@ derive from the matching builtin so callers can keep their ``except`` clauses::
     │   ├── AccessDeniedError(SourceError, PermissionError)       # permanent
     │   ├── StaleResolutionError          # the object changed between resolve and fetch
     │   └── SourceUnavailableError(SourceError, ConnectionError)  # transient: the only retried error
-    │       └── SourceTimeoutError(SourceUnavailableError, TimeoutError)
+    │       ├── SourceTimeoutError(SourceUnavailableError, TimeoutError)
+    │       └── InvalidResponseError          # an answer that does not parse against its schema
     ├── IntegrityError                    # size or hash mismatch; staging discarded
     ├── CacheError(ModelLoaderError, OSError)   # disk full, lock timeout, unwritable cache
     ├── DeserializationError              # the loader function raised
@@ -33,6 +34,7 @@ __all__ = [
     "DeserializationError",
     "IntegrityError",
     "InvalidReferenceError",
+    "InvalidResponseError",
     "MissingDependencyError",
     "ModelLoaderError",
     "ModelNotFoundError",
@@ -96,6 +98,15 @@ class SourceUnavailableError(SourceError, ConnectionError):
 
 class SourceTimeoutError(SourceUnavailableError, TimeoutError):
     """A connect or read timeout, or a deadline, expired."""
+
+
+class InvalidResponseError(SourceUnavailableError):
+    """A server answered with something malformed (wrong shape, missing or out-of-range
+    fields, an unbounded listing).
+
+    It is the server's fault, not the reference's, so the loader treats it like an
+    outage: retried, then the next source, then the last-known-good version.
+    """
 
 
 class IntegrityError(ModelLoaderError):

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from model_loader._cache import CachedEntry, DiskCache, MemoryCache
-from model_loader._types import FetchResult, ModelRef, ResolvedModel, Timings
+from model_loader._types import FetchResult, LoadedModel, ModelRef, ResolvedModel, Timings
 from model_loader._uri import parse_ref
 from model_loader.config import LoaderConfig
 from model_loader.errors import (
@@ -188,6 +188,23 @@ class ResilientLoader:
         """
         fn = loader_fn or self._loader_fn or default_model_loader
         return self._run(fn)[1]
+
+    def load_with_result(self, loader_fn: LoaderFn | None = None) -> LoadedModel:
+        """:meth:`load`, returning the object and the :class:`FetchResult` that served it together.
+
+        Concurrent callers each get their own pair (``last_result`` is whichever finished last).
+
+        Example:
+            >>> model, result = loader.load_with_result()
+            >>> result.version, result.timings.deserialize
+        """
+        fn = loader_fn or self._loader_fn or default_model_loader
+        result, obj = self._run(fn)
+        return LoadedModel(obj, result)
+
+    async def aload_with_result(self, loader_fn: LoaderFn | None = None) -> LoadedModel:
+        """:meth:`load_with_result` in a worker thread."""
+        return await asyncio.to_thread(self.load_with_result, loader_fn)
 
     async def afetch(self) -> FetchResult:
         """:meth:`fetch` in a worker thread; the event loop keeps running."""

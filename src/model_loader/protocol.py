@@ -2,8 +2,14 @@
 
 A source turns a moving reference into an immutable version (``resolve``) and writes
 exactly that version's files into an empty staging directory (``fetch``). It never
-renames, locks or publishes: :class:`~model_loader.ResilientLoader` does that, in one
-place. Errors leave a source only as :mod:`model_loader.errors` types.
+renames, locks or publishes: the cache does that, in one place. Errors leave a source
+only as :mod:`model_loader.errors` types.
+
+Time: every blocking call of a source is capped by ``Deadline.current()`` (see
+:mod:`model_loader._deadline`), which the loader sets around ``resolve``, ``fetch`` and
+``previous_versions``; threads a source starts get it passed explicitly. Data a source
+receives from a server is parsed against a schema and bounded; anything malformed
+becomes a ``SourceError`` (``SourceUnavailableError`` when a retry may help).
 """
 
 from __future__ import annotations
@@ -34,11 +40,16 @@ class SourceCapabilities:
             superseded resolution raises ``StaleResolutionError``.
         version_history: It implements :class:`SupportsVersionHistory` (rollback to earlier
             versions of the same model).
+        resumable: ``fetch`` may find files of an earlier attempt in ``dest`` (listed in
+            ``FetchContext.current().completed``) and leaves them as they are; with a
+            resolution that lists its files, it is handed only the files still missing.
+            Without it, every attempt starts from an empty directory.
     """
 
     remote: bool = False
     immutable_versions: bool = False
     version_history: bool = False
+    resumable: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -53,6 +64,9 @@ class SourceSettings:
         exclude: Glob patterns of relative paths to skip.
         state_dir: A directory a source may keep small state in across processes (the
             loader gives ``<cache>/state``); ``None``: keep nothing.
+        allow_local_artifacts: A remote registry may point at local paths (``file:``)
+            for artifacts. Off: such a location is refused, so a registry cannot make
+            the loader copy a directory of its choosing.
     """
 
     connect_timeout: float = 5.0
@@ -61,6 +75,7 @@ class SourceSettings:
     include: tuple[str, ...] = ()
     exclude: tuple[str, ...] = ()
     state_dir: Path | None = None
+    allow_local_artifacts: bool = False
 
     def as_kwargs(self) -> dict[str, Any]:
         """The transfer settings as keyword arguments, for ``from_settings`` implementations."""
