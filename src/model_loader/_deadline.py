@@ -128,6 +128,10 @@ def _ignore(entry: FileEntry) -> None:
     return None
 
 
+def _ignore_bytes(n: int) -> None:
+    return None
+
+
 @dataclass(frozen=True)
 class FetchContext:
     """What a source's ``fetch`` may know about the attempt it is running in.
@@ -139,10 +143,13 @@ class FetchContext:
         file_done: Call with each file as soon as it is complete and checked (size,
             SHA-256 and ``verified``), from any thread: the cache journals it, so a retry
             or the next process resumes after it.
+        progress: Call with the number of bytes just written, from any thread, as they
+            arrive (progress bars and metrics; cheap).
     """
 
     completed: Mapping[str, FileEntry] = field(default_factory=lambda: MappingProxyType({}))
     file_done: Callable[[FileEntry], None] = _ignore
+    progress: Callable[[int], None] = _ignore_bytes
 
     @staticmethod
     def current() -> FetchContext:

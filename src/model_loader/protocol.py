@@ -23,6 +23,7 @@ from model_loader._types import Manifest, ModelRef, ResolvedModel
 __all__ = [
     "FetchObserver",
     "ModelSource",
+    "ProgressObserver",
     "SourceCapabilities",
     "SourceSettings",
     "SupportsVersionHistory",
@@ -145,4 +146,13 @@ class FetchObserver(Protocol):
 
     def fetch_finished(self, source: str) -> None:
         """The download ended, successfully or not."""
+        ...
+
+
+@runtime_checkable
+class ProgressObserver(FetchObserver, Protocol):
+    """A :class:`FetchObserver` that is also told of bytes as they arrive."""
+
+    def fetch_progress(self, source: str, nbytes: int) -> None:
+        """``nbytes`` more bytes were written for ``source`` (called from download threads)."""
         ...
