@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
 import sys
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -29,27 +31,52 @@ def test_a_cache_path_under_a_file_is_a_clear_error(tmp_path: Path) -> None:
         DiskCache(tmp_path / "file" / "cache")
 
 
-def test_an_unwritable_cache_directory_is_a_clear_error_at_construction(tmp_path: Path) -> None:
-    cache = tmp_path / "ro"
-    cache.mkdir()
+@contextlib.contextmanager
+def _read_only_after(populate: Callable[[Path], None], where: Path) -> Iterator[Path]:
+    """A cache directory filled by ``populate`` while writable, then made read-only for real
+    (a read-only tmpfs remount as root; permission bits otherwise)."""
+    where.mkdir()
     if os.geteuid() == 0:  # root ignores permission bits: make the filesystem itself read-only
-        mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(cache)], capture_output=True)
+        mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(where)], capture_output=True)
         assert mounted.returncode == 0, mounted.stderr
         try:
-            DiskCache(cache)  # populated while writable
-            subprocess.run(["mount", "-o", "remount,ro", str(cache)], check=True)
-            with pytest.raises(CacheError, match=r"not writable|not usable"):
-                DiskCache(cache)
-            with pytest.raises(CacheError, match=r"not usable"):
-                DiskCache(cache / "fresh")
+            populate(where)
+            subprocess.run(["mount", "-o", "remount,ro", str(where)], check=True)
+            yield where
         finally:
-            subprocess.run(["umount", str(cache)], check=True)
+            subprocess.run(["umount", str(where)], check=True)
     else:
-        DiskCache(cache)
-        for sub in [cache, *cache.iterdir()]:
-            os.chmod(sub, 0o555)
-        with pytest.raises(CacheError, match="not writable"):
-            DiskCache(cache)
+        populate(where)
+        for dirpath, dirnames, _ in os.walk(where):
+            for name in [*dirnames, ""]:
+                os.chmod(os.path.join(dirpath, name), 0o555)
+        yield where
+
+
+def test_a_read_only_cache_serves_hits_and_offline_without_writing(tmp_path: Path) -> None:
+    store = InMemorySource()
+    ref = store.publish("m", {"model.bin": b"weights"}, alias="prod")
+    other = store.publish("other", {"x": b"1"})
+
+    def warm(cache: Path) -> None:
+        with ResilientLoader([(store, ref)], config=fast_config(cache)) as loader:
+            loader.fetch()
+
+    with _read_only_after(warm, tmp_path / "ro") as cache:
+        before = sorted(str(p.relative_to(cache)) for p in cache.rglob("*"))
+        assert DiskCache(cache).read_only
+        with ResilientLoader([(store, ref)], config=fast_config(cache)) as loader:
+            hit = loader.fetch()
+        assert (hit.from_cache, read_tree(hit.path)) == (True, {"model.bin": b"weights"})
+        with ResilientLoader([(store, ref)], config=fast_config(cache, offline=True)) as loader:
+            assert loader.fetch().offline
+        with ResilientLoader([(store, other)], config=fast_config(cache)) as loader, pytest.raises(
+            CacheError, match="read-only"
+        ):
+            loader.fetch()
+        assert sorted(str(p.relative_to(cache)) for p in cache.rglob("*")) == before
+        with pytest.raises(CacheError, match="not usable"):
+            DiskCache(cache / "fresh")
 
 
 def _loader(tmp_path: Path, store: InMemorySource, ref: object, **cfg: object) -> ResilientLoader:

@@ -1,4 +1,4 @@
-"""The disk cache (atomic, verified, LRU-bounded) and the in-memory cache of loaded objects.
+"""The disk cache: atomic, verified, self-repairing, LRU-bounded; it owns its transaction.
 
 Layout under the cache root::
 
@@ -9,12 +9,18 @@ Layout under the cache root::
     entries/<key>/.used             its mtime is the LRU clock
     refs/<ref-key>.json             last-known-good: (source identity, reference) -> entry
     state/                          sources' own state, e.g. the local source's hash memo
-    .staging/<key>.<uuid>/          one fetch in progress (same filesystem as entries/)
+    .staging/<key>.<id>/            one fetch in progress, resumable (see _staging.py)
     .locks/<key>.lock               per-entry file lock: only saves duplicate downloads
-    .quarantine/<key>.<uuid>/       corrupt entries, kept for inspection until pruned
+    .quarantine/<key>.<id>/         damaged entries, kept for inspection until pruned
 
 A reader never sees a partial entry: an entry exists only once ``os.replace`` has moved a
 complete, fsynced staging directory (manifest included) into ``entries/``.
+
+:meth:`DiskCache.fill` is the whole transaction (lookup, lease, lock, re-check,
+quarantine, stage, fill, verify, publish); the loader hands it a callable that fills a
+:class:`~model_loader._staging.Staging` and keeps only policy (retries, fallback).
+Anything odd found on disk is damage: quarantined and fetched again, never an exception
+that escapes untyped.
 """
 
 from __future__ import annotations
@@ -22,7 +28,6 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
-import hashlib
 import json
 import logging
 import os
@@ -30,18 +35,22 @@ import shutil
 import threading
 import time
 import uuid
-from collections.abc import Callable, Hashable, Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
-from model_loader._io import check_free_space, fsync_dir, hash_file, safe_relpath, sync_tree
+from model_loader._deadline import Deadline
+from model_loader._io import cache_errors, check_free_space, fsync_dir, hash_file, safe_relpath, sync_tree, write_atomic
+from model_loader._memory import MemoryCache
+from model_loader._refs import RefRecord, RefStore
+from model_loader._staging import Staging
 from model_loader._types import FileEntry, Manifest, ResolvedModel
-from model_loader.errors import CacheError, IntegrityError
+from model_loader.errors import CacheError, IntegrityError, SourceUnavailableError
 
-__all__ = ["CachedEntry", "DiskCache", "MemoryCache", "RefRecord"]
+__all__ = ["CacheHit", "CachedEntry", "DiskCache", "MemoryCache", "RefRecord"]
 
-logger = logging.getLogger(__name__)
+logger = logging.getLogger("model_loader.cache")
 
 _TAG = (
     "Signature: 8a477f597d28d172789f06886806bc55\n"
@@ -50,8 +59,8 @@ _TAG = (
 )
 _FORMAT = 1
 _TOUCH_EVERY = 60.0  # seconds between LRU clock updates of one entry by one process
-
-T = TypeVar("T")
+_LOCK_POLL = 0.1  # seconds between looks while another process holds an entry's lock
+_STALE_STAGING = 24 * 3600.0  # an unlocked staging older than this is abandoned for good
 
 
 @dataclass(frozen=True, slots=True)
@@ -77,31 +86,74 @@ class CachedEntry:
     def size(self) -> int:
         return self.manifest.total_size
 
+    @property
+    def verified(self) -> bool:
+        """Every file was checked end to end when it was fetched."""
+        return self.manifest.verified
+
 
 @dataclass(frozen=True, slots=True)
-class RefRecord:
-    """The last version of a reference that was served successfully from a source."""
+class CacheHit:
+    """What :meth:`DiskCache.fill` served: the entry, whether it was downloaded now, and
+    the seconds spent verifying (the hit check, or the staged check and publish)."""
 
-    identity: str
-    ref: str
-    key: str
-    version: str
-    source: str
-    updated: float
+    entry: CachedEntry
+    fetched: bool
+    verify_seconds: float
+
+
+def _parse_manifest(data: Any, key: str, root: Path) -> CachedEntry:
+    """A manifest read from disk, checked field by field (``ValueError`` if malformed)."""
+    if not isinstance(data, dict):
+        raise ValueError("the manifest is not a JSON object")
+    if data.get("key", key) != key:
+        raise ValueError(f"the manifest belongs to entry {data.get('key')!r}")
+    strings = {}
+    for name in ("source_id", "version", "ref"):
+        value = data.get(name)
+        if not isinstance(value, str) or not value:
+            raise ValueError(f"field {name!r} is missing or not a string")
+        strings[name] = value
+    source = data.get("source", strings["ref"])
+    created = data.get("created")
+    rows = data.get("files")
+    if not isinstance(source, str) or not isinstance(created, (int, float)) or not isinstance(rows, list):
+        raise ValueError("fields 'source', 'created' or 'files' are malformed")
+    files = []
+    for row in rows:
+        if not isinstance(row, dict):
+            raise ValueError("a file row is not an object")
+        path, size, sha, verified = row.get("path"), row.get("size"), row.get("sha256"), row.get("verified")
+        if not isinstance(path, str) or not isinstance(size, int) or isinstance(size, bool) or size < 0:
+            raise ValueError(f"file row {row!r:.80} is malformed")
+        if not isinstance(sha, str) or (verified is not None and not isinstance(verified, str)):
+            raise ValueError(f"file row {path!r} has a malformed hash")
+        files.append(FileEntry(safe_relpath(path), size, sha, None, verified))
+    manifest = Manifest(tuple(files))
+    digest = data.get("digest") or manifest.digest
+    if not isinstance(digest, str):
+        raise ValueError("field 'digest' is not a string")
+    return CachedEntry(
+        key=key, root=root, manifest=manifest, created=float(created), digest=digest, source=source, **strings
+    )
 
 
 class DiskCache:
-    """An atomic, verified, size-bounded cache of model directories.
+    """An atomic, verified, self-repairing, size-bounded cache of model directories.
 
     Args:
-        root: Cache directory (created if missing; must be writable).
+        root: Cache directory (created if missing).
         max_size: Evict least recently used entries beyond this many bytes.
         verify: ``"fast"`` (sizes and manifest) or ``"full"`` (every hash) on a hit.
-        lock_timeout: Seconds to wait for another process fetching the same entry.
+        lock_timeout: Seconds to wait for another process fetching the same entry while
+            its staging shows no progress; then this process fetches on its own.
         min_free: Bytes that must remain free after a fetch.
 
+    A cache that cannot be written (a read-only volume pre-warmed by a job) is opened
+    read-only: hits are served, nothing is written, a miss is a ``CacheError``.
+
     Raises:
-        CacheError: The directory cannot be created or written.
+        CacheError: The directory cannot be created, or is not a usable cache.
     """
 
     def __init__(
@@ -110,7 +162,7 @@ class DiskCache:
         *,
         max_size: int | None = None,
         verify: str = "fast",
-        lock_timeout: float = 600.0,
+        lock_timeout: float = 30.0,
         min_free: int = 0,
     ) -> None:
         self.root = Path(root)
@@ -119,74 +171,117 @@ class DiskCache:
         self.lock_timeout = lock_timeout
         self.min_free = min_free
         self._entries = self.root / "entries"
-        self._refs = self.root / "refs"
         self._staging = self.root / ".staging"
         self._locks = self.root / ".locks"
         self._quarantine = self.root / ".quarantine"
         self.state_dir = self.root / "state"  # sources' own small state (SourceSettings.state_dir)
+        self.read_only = False
         try:
-            for d in (self._entries, self._refs, self._staging, self._locks, self._quarantine):
+            for d in (self._entries, self.root / "refs", self._staging, self._locks, self._quarantine):
                 d.mkdir(parents=True, exist_ok=True)
             tag = self.root / "CACHEDIR.TAG"
             if not tag.exists():
-                self._write_atomic(tag, _TAG.encode())
-        except OSError as exc:
-            raise CacheError(f"cache directory {self.root} is not usable: {exc.strerror or exc}") from exc
-        if not os.access(self._staging, os.W_OK | os.X_OK):
-            raise CacheError(f"cache directory {self.root} is not writable")
+                write_atomic(tag, _TAG.encode())
+        except (OSError, CacheError) as exc:
+            if not (self._entries.is_dir() and self._is_unwritable(exc)):
+                reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else exc
+                raise CacheError(f"cache directory {self.root} is not usable: {reason}") from exc
+            self.read_only = True
+        if not self.read_only and not os.access(self._staging, os.W_OK | os.X_OK):
+            self.read_only = True
+        if self.read_only:
+            if not os.access(self._entries, os.R_OK | os.X_OK):
+                raise CacheError(f"cache directory {self.root} is neither writable nor readable")
+            logger.info("cache %s is read-only: serving hits, storing nothing", self.root)
+        self.refs_store = RefStore(self.root / "refs", writable=not self.read_only)
         self._manifests: dict[str, tuple[tuple[int, int], CachedEntry]] = {}
         self._touched: dict[str, float] = {}
-        self._ref_memo: dict[str, RefRecord] = {}
         self._leases: dict[str, int] = {}
         self._mutex = threading.Lock()
+
+    @staticmethod
+    def _is_unwritable(exc: BaseException) -> bool:
+        cause = exc if isinstance(exc, OSError) and not isinstance(exc, CacheError) else exc.__cause__
+        return isinstance(cause, OSError) and cause.errno in (errno.EROFS, errno.EACCES, errno.EPERM)
 
     # -- lookup -------------------------------------------------------------------------
 
     def entry_dir(self, key: str) -> Path:
         return self._entries / key
 
-    def lookup(self, key: str, *, verify: str | None = None) -> CachedEntry | None:
-        """A verified entry for ``key``, or ``None`` when absent.
+    def lookup(self, key: str, *, expect: ResolvedModel | None = None, verify: str | None = None) -> CachedEntry | None:
+        """The verified, leased entry for ``key``; ``None`` when there is none.
+
+        Args:
+            expect: The resolution the entry must belong to (same source and version; the
+                same files when the resolution lists them).
+            verify: ``"fast"`` or ``"full"``; default: the cache's mode.
 
         Raises:
-            IntegrityError: The entry exists but fails verification (call :meth:`quarantine`).
+            IntegrityError: Something is there but damaged (call :meth:`get` to repair).
         """
         root = self._entries / key
         entry = self._read_manifest(root, key)
         if entry is None:
             return None
+        if expect is not None:
+            _check_belongs(entry, expect)
         self._verify_entry(entry, verify or self.verify_mode)
-        self._lease(key, root)
+        if not self._lease(key, root):
+            return None  # being evicted right now: treat as a miss, fetch under the lock
         self._touch(key, root)
         return entry
+
+    def get(
+        self,
+        key: str,
+        *,
+        expect: ResolvedModel | None = None,
+        verify: str | None = None,
+        deadline: Deadline | None = None,
+        locked: bool = False,
+    ) -> tuple[CachedEntry | None, str | None]:
+        """:meth:`lookup` that repairs: ``(entry, None)``, ``(None, None)`` when absent, or
+        ``(None, problem)`` after quarantining a damaged entry (re-checked under its lock;
+        ``locked``: the caller holds it)."""
+        try:
+            return self.lookup(key, expect=expect, verify=verify), None
+        except IntegrityError as exc:
+            problem = str(exc)
+        if self.read_only:
+            logger.warning("cache entry %s is damaged (%s); the cache is read-only, so it stays", key, problem)
+            return None, problem
+        if locked:
+            self.quarantine(key, problem)
+            return None, problem
+        with self._lock(key, deadline or Deadline(self.lock_timeout, what="waiting for the entry lock")) as held:
+            try:
+                return self.lookup(key, expect=expect, verify=verify), None  # repaired meanwhile
+            except IntegrityError as exc:
+                problem = str(exc)
+            if held:
+                self.quarantine(key, problem)
+        return None, problem
 
     def _read_manifest(self, root: Path, key: str) -> CachedEntry | None:
         path = root / "manifest.json"
         try:
             st = os.stat(path)
         except FileNotFoundError:
+            if os.path.lexists(root):
+                raise IntegrityError(f"cache entry {key} has no manifest") from None
             return None
+        except OSError as exc:  # ENOTDIR: a file where the entry's directory belongs
+            raise IntegrityError(f"cache entry {key} is unreadable: {exc.strerror or exc}") from exc
         stamp = (st.st_ino, st.st_mtime_ns)
         memo = self._manifests.get(key)
         if memo is not None and memo[0] == stamp:
             return memo[1]
         try:
-            data = json.loads(path.read_bytes())
-            files = tuple(FileEntry(f["path"], int(f["size"]), f["sha256"]) for f in data["files"])
-            entry = CachedEntry(
-                key=key,
-                root=root,
-                manifest=Manifest(files),
-                source_id=data["source_id"],
-                version=data["version"],
-                ref=data["ref"],
-                source=data.get("source", data["ref"]),
-                created=float(data["created"]),
-                digest=data.get("digest") or Manifest(files).digest,
-            )
+            entry = _parse_manifest(json.loads(path.read_bytes()), key, root)
         except FileNotFoundError:
             return None
-        except (ValueError, KeyError, TypeError) as exc:
+        except (OSError, ValueError, IntegrityError) as exc:
             raise IntegrityError(f"cache entry {key} has an unreadable manifest: {exc}") from exc
         self._manifests[key] = (stamp, entry)
         return entry
@@ -200,45 +295,64 @@ class DiskCache:
                 size = os.stat(target).st_size
             except FileNotFoundError:
                 raise IntegrityError(f"cache entry {entry.key}: {f.path} is missing") from None
+            except OSError as exc:
+                raise IntegrityError(f"cache entry {entry.key}: {f.path} is unreadable: {exc.strerror}") from exc
             if size != f.size:
                 raise IntegrityError(f"cache entry {entry.key}: {f.path} has {size} bytes, expected {f.size}")
-            if mode == "full" and f.sha256 and hash_file(Path(target)) != f.sha256:
-                raise IntegrityError(f"cache entry {entry.key}: {f.path} does not match its SHA-256")
+            if mode == "full":
+                try:
+                    actual = hash_file(Path(target))
+                except OSError as exc:
+                    raise IntegrityError(f"cache entry {entry.key}: {f.path} is unreadable: {exc.strerror}") from exc
+                if actual != f.sha256:
+                    raise IntegrityError(f"cache entry {entry.key}: {f.path} does not match its SHA-256")
         if mode == "full":
-            on_disk = set(_walk_files(files_dir))
+            try:
+                on_disk = set(_walk_files(files_dir))
+            except OSError as exc:
+                raise IntegrityError(f"cache entry {entry.key} cannot be listed: {exc.strerror}") from exc
             extra = on_disk - {f.path for f in entry.manifest.files}
             if extra:
                 raise IntegrityError(f"cache entry {entry.key}: unexpected files {sorted(extra)[:3]}")
 
     def quarantine(self, key: str, reason: str) -> None:
-        """Move a corrupt entry aside (call with the entry's lock held)."""
+        """Move a damaged entry aside (call with the entry's lock held)."""
         src = self._entries / key
         dest = self._quarantine / f"{key}.{uuid.uuid4().hex[:8]}"
         self.release_lease(key)
-        try:
-            os.replace(src, dest)
-        except FileNotFoundError:
-            return
         self._manifests.pop(key, None)
-        logger.warning("cache entry %s is corrupt (%s); quarantined to %s, fetching again", key, reason, dest)
+        with cache_errors(f"quarantining cache entry {key}"):
+            try:
+                os.replace(src, dest)
+            except FileNotFoundError:
+                return
+        logger.warning("cache entry %s is damaged (%s); quarantined to %s, fetching again", key, reason, dest)
 
     # -- leases and LRU clock -----------------------------------------------------------
 
-    def _lease(self, key: str, root: Path) -> None:
-        """Hold a shared lock on the entry while this process may serve it (no eviction)."""
+    def _lease(self, key: str, root: Path) -> bool:
+        """Hold a shared lock on the entry while this process may serve it (no eviction).
+
+        False when an eviction holds it or has just moved it away.
+        """
         with self._mutex:
             if key in self._leases:
-                return
+                return True
             try:
                 fd = os.open(root / ".lease", os.O_RDONLY)
-            except FileNotFoundError:
-                return
+            except OSError:
+                return True  # an entry without a lease file (read-only copy): nothing to protect
             try:
                 fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-            except BlockingIOError:
-                os.close(fd)  # being evicted right now; the caller's verify already passed
-                return
+                same = os.fstat(fd).st_ino == os.stat(root / ".lease").st_ino
+            except OSError:
+                os.close(fd)
+                return False
+            if not same:  # evicted between our read and our lock
+                os.close(fd)
+                return False
             self._leases[key] = fd
+            return True
 
     def release_lease(self, key: str) -> None:
         """Stop protecting ``key`` from eviction by other processes (it is no longer served)."""
@@ -254,65 +368,141 @@ class DiskCache:
 
     def _touch(self, key: str, root: Path) -> None:
         now = time.monotonic()
-        if now - self._touched.get(key, -_TOUCH_EVERY) < _TOUCH_EVERY:
+        if self.read_only or now - self._touched.get(key, -_TOUCH_EVERY) < _TOUCH_EVERY:
             return
         self._touched[key] = now
-        with contextlib.suppress(FileNotFoundError):  # evicted meanwhile: nothing to date
+        with contextlib.suppress(OSError):  # evicted meanwhile, or a read-only copy: nothing to date
             os.utime(root / ".used")
 
-    # -- fetching into the cache --------------------------------------------------------
+    # -- the transaction ----------------------------------------------------------------
 
-    @contextlib.contextmanager
-    def lock(self, key: str) -> Iterator[None]:
-        """The per-entry inter-process lock (saves duplicate downloads only).
+    def fill(
+        self,
+        resolved: ResolvedModel,
+        filler: Callable[[Staging], Manifest],
+        *,
+        deadline: Deadline,
+        source: str,
+        progress: Callable[[int], None] | None = None,
+    ) -> CacheHit:
+        """The verified entry for ``resolved``: from the cache, else filled by ``filler``.
+
+        ``filler`` gets a :class:`Staging` (resumed from an earlier attempt or process when
+        possible) and returns the manifest of what is in it; the loader's retries live in
+        it. While another process fetches the same entry this one waits, as long as that
+        fetch makes progress and the deadline allows; then it fetches on its own.
 
         Raises:
-            CacheError: Another process held it longer than ``lock_timeout``.
+            IntegrityError: The filled files differ from the manifest or the resolution.
+            CacheError: The disk is full, or the cache is read-only and has no copy.
+        """
+        key = resolved.cache_key
+        t0 = time.monotonic()
+        hit, _ = self.get(key, expect=resolved, deadline=deadline)
+        if hit is not None:
+            return CacheHit(hit, False, time.monotonic() - t0)
+        if self.read_only:
+            raise CacheError(f"the cache {self.root} is read-only and holds no copy of {resolved.version}")
+        with self._lock(key, deadline) as locked:
+            if locked:
+                hit, _ = self.get(key, expect=resolved, locked=True)
+                if hit is not None:
+                    return CacheHit(hit, False, 0.0)  # another process fetched it while we waited
+            staging = self._open_staging(key, adopt=locked, progress=progress)
+            keep = False
+            try:
+                if resolved.files is not None:
+                    needed = sum(f.size for f in resolved.files) - sum(e.size for e in staging.completed.values())
+                    with cache_errors(f"checking free space in {self._staging}"):
+                        check_free_space(self._staging, max(0, needed), reserve=self.min_free)
+                manifest = filler(staging)
+                t1 = time.monotonic()
+                entry = self._publish(staging, resolved, manifest, source, locked=locked)
+                return CacheHit(entry, True, time.monotonic() - t1)
+            except SourceUnavailableError:
+                keep = bool(staging.completed)  # an outage: the next attempt or process resumes here
+                raise
+            finally:
+                if not keep and staging.root.exists():
+                    shutil.rmtree(staging.root, ignore_errors=True)
+
+    def _open_staging(self, key: str, *, adopt: bool, progress: Callable[[int], None] | None) -> Staging:
+        if adopt:  # we hold the lock: whatever staging exists for the key is abandoned
+            candidates = sorted(self._staging.glob(f"{key}.*"), key=_journal_size, reverse=True)
+            for extra in candidates[1:]:
+                shutil.rmtree(extra, ignore_errors=True)
+            if candidates and candidates[0].is_dir():
+                staging = Staging(candidates[0], progress)
+                staging.adopt()
+                return staging
+        return Staging(self._staging / f"{key}.{uuid.uuid4().hex}", progress)
+
+    @contextlib.contextmanager
+    def _lock(self, key: str, deadline: Deadline) -> Iterator[bool]:
+        """The entry's inter-process lock, or ``False`` when waiting for it is pointless.
+
+        Waits while the holder's staging shows progress, at most ``lock_timeout`` without
+        any and never past ``deadline``; a lock only saves bandwidth.
         """
         from filelock import FileLock, Timeout
 
-        lock = FileLock(str(self._locks / f"{key}.lock"), timeout=self.lock_timeout)
+        if self.read_only:
+            yield False
+            return
+        lock = FileLock(str(self._locks / f"{key}.lock"))
+        last_sign: tuple[int, int] | None = None
+        quiet_since = time.monotonic()
+        locked = False
+        while True:
+            try:
+                lock.acquire(timeout=min(_LOCK_POLL, max(0.0, deadline.remaining() - 0.05)), poll_interval=0.02)
+                locked = True
+                break
+            except Timeout:
+                pass
+            except OSError as exc:
+                logger.warning("cannot lock cache entry %s (%s); fetching without the lock", key, exc)
+                break
+            if (self._entries / key / "manifest.json").exists():
+                break  # published meanwhile: the caller's re-check finds it
+            sign = self._staging_signature(key)
+            now = time.monotonic()
+            if sign != last_sign:
+                last_sign, quiet_since = sign, now
+            if now - quiet_since >= self.lock_timeout or deadline.remaining() <= 0.1:
+                logger.warning(
+                    "another process holds the lock on cache entry %s and %s; fetching on our own",
+                    key,
+                    "made no progress for %.0fs" % (now - quiet_since)
+                    if now - quiet_since >= self.lock_timeout
+                    else "the deadline is near",
+                )
+                break
         try:
-            lock.acquire()
-        except Timeout as exc:
-            raise CacheError(f"timed out after {self.lock_timeout}s waiting for the lock on cache entry {key}") from exc
-        try:
-            yield
+            yield locked
         finally:
-            lock.release()
+            if locked:
+                lock.release()
 
-    def clean_stale_staging(self, key: str) -> None:
-        """Remove staging left by a killed fetch of ``key`` (call with its lock held)."""
-        for stale in self._staging.glob(f"{key}.*"):
-            logger.info("removing stale staging directory %s", stale)
-            shutil.rmtree(stale, ignore_errors=True)
+    def _staging_signature(self, key: str) -> tuple[int, int]:
+        """(bytes, newest mtime) of the key's staging directories: changes while a fetch runs."""
+        total, newest = 0, 0
+        for stage in self._staging.glob(f"{key}.*"):
+            for dirpath, _, names in os.walk(stage):
+                for name in names:
+                    with contextlib.suppress(OSError):
+                        st = os.stat(os.path.join(dirpath, name))
+                        total += st.st_blocks
+                        newest = max(newest, st.st_mtime_ns)
+        return total, newest
 
-    @contextlib.contextmanager
-    def staging(self, key: str, expected_size: int | None = None) -> Iterator[Path]:
-        """A fresh staging directory for ``key``; removed unless published.
-
-        Yields the directory; the model's files go in ``<staging>/files``.
-        """
-        if expected_size is not None:
-            check_free_space(self._staging, expected_size, reserve=self.min_free)
-        stage = self._staging / f"{key}.{uuid.uuid4().hex}"
-        (stage / "files").mkdir(parents=True)
-        try:
-            yield stage
-        finally:
-            if stage.exists():
-                shutil.rmtree(stage, ignore_errors=True)
-
-    def publish(self, stage: Path, resolved: ResolvedModel, manifest: Manifest, source: str) -> CachedEntry:
-        """Check ``stage`` against ``manifest``, write the manifest last, rename into place.
-
-        Raises:
-            IntegrityError: The staged files differ from the manifest.
-            CacheError: The disk is full.
-        """
-        files_dir = stage / "files"
-        verify_staged(files_dir, manifest, resolved)
+    def _publish(
+        self, staging: Staging, resolved: ResolvedModel, manifest: Manifest, source: str, *, locked: bool
+    ) -> CachedEntry:
+        files_dir = staging.files_dir
+        manifest = verify_staged(files_dir, manifest, resolved)
         key = resolved.cache_key
+        stage = staging.root
         record = {
             "format": _FORMAT,
             "key": key,
@@ -324,15 +514,20 @@ class DiskCache:
             "created": time.time(),
             "metadata": dict(resolved.metadata),
             "total_size": manifest.total_size,
-            "files": [{"path": f.path, "size": f.size, "sha256": f.sha256} for f in manifest.files],
+            "verified": manifest.verified,
+            "files": [
+                {"path": f.path, "size": f.size, "sha256": f.sha256, "verified": f.verified} for f in manifest.files
+            ],
         }
-        try:
+        target = self._entries / key
+        with cache_errors(f"publishing cache entry {key}"):
             sync_tree(files_dir)  # file data and directory entries, before the manifest exists
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(stage / "journal.jsonl")
             (stage / ".lease").touch()
             (stage / ".used").touch()
-            self._write_atomic(stage / "manifest.json", json.dumps(record, indent=1).encode())
+            write_atomic(stage / "manifest.json", json.dumps(record, indent=1).encode())
             fsync_dir(stage)
-            target = self._entries / key
             try:
                 os.replace(stage, target)
             except OSError as exc:
@@ -340,72 +535,47 @@ class DiskCache:
                     raise
                 logger.info("cache entry %s was published by another process; keeping it", key)
             fsync_dir(self._entries)
-        except OSError as exc:
-            if exc.errno in (errno.ENOSPC, errno.EDQUOT):
-                raise CacheError(f"no space left publishing cache entry {key}") from exc
-            raise
-        entry = self._read_manifest(target, key)
-        if entry is None:  # pragma: no cover - removed between rename and read
-            raise CacheError(f"cache entry {key} vanished right after publishing")
-        self._lease(key, target)
+        entry, problem = self.get(key, expect=resolved, locked=locked)
+        if entry is None and problem is not None and locked:
+            # what stood in the way was damaged and is quarantined now: publish ours
+            with cache_errors(f"publishing cache entry {key}"):
+                if stage.exists():
+                    os.replace(stage, target)
+                    fsync_dir(self._entries)
+            entry, problem = self.get(key, expect=resolved, locked=True)
+        if entry is None:
+            raise CacheError(f"cache entry {key} could not be published: {problem or 'it vanished'}")
         return entry
 
     # -- refs (last-known-good) ---------------------------------------------------------
 
-    @staticmethod
-    def _ref_key(identity: str, ref: str) -> str:
-        return hashlib.sha256(f"{identity}\0{ref}".encode()).hexdigest()[:32]
-
     def record_ref(self, identity: str, ref: str, entry: CachedEntry, source: str) -> None:
-        """Point ``(identity, ref)`` at ``entry`` (atomic; skipped when unchanged)."""
-        rk = self._ref_key(identity, ref)
-        current = self._ref_memo.get(rk) or self.read_ref(identity, ref)
-        if current is not None and current.key == entry.key and current.source == source:
-            return
-        rec = RefRecord(identity, ref, entry.key, entry.version, source, time.time())
-        data = {
-            "identity": identity,
-            "ref": ref,
-            "key": entry.key,
-            "version": entry.version,
-            "source": source,
-            "updated": rec.updated,
-        }
-        self._write_atomic(self._refs / f"{rk}.json", json.dumps(data).encode())
-        self._ref_memo[rk] = rec
+        """Point ``(identity, ref)`` at ``entry`` (atomic; skipped when unchanged or read-only)."""
+        self.refs_store.record(identity, ref, entry.key, entry.version, source)
 
     def read_ref(self, identity: str, ref: str) -> RefRecord | None:
         """The last-known-good record of ``(identity, ref)``, if any."""
-        rk = self._ref_key(identity, ref)
-        try:
-            data = json.loads((self._refs / f"{rk}.json").read_bytes())
-            rec = _ref_record(data)
-        except FileNotFoundError:
-            return None
-        except (ValueError, KeyError) as exc:
-            logger.warning("ignoring unreadable cache ref %s: %s", rk, exc)
-            return None
-        self._ref_memo[rk] = rec
-        return rec
+        return self.refs_store.read(identity, ref)
 
     def refs(self) -> list[RefRecord]:
-        """Every ref record."""
-        out = []
-        for path in sorted(self._refs.glob("*.json")):
-            try:
-                out.append(_ref_record(json.loads(path.read_bytes())))
-            except (OSError, ValueError, KeyError) as exc:
-                logger.warning("ignoring unreadable cache ref %s: %s", path.name, exc)
-        return out
+        """Every readable ref record."""
+        return self.refs_store.all()
 
     # -- listing, verification, pruning -------------------------------------------------
 
+    def _entry_names(self) -> list[str]:
+        try:
+            return sorted(os.listdir(self._entries))
+        except OSError as exc:
+            raise CacheError(f"cannot list {self._entries}: {exc.strerror}") from exc
+
     def entries(self) -> list[tuple[CachedEntry, float]]:
-        """Every published entry with its last-used time (epoch seconds)."""
+        """Every readable published entry with its last-used time (epoch seconds)."""
         out = []
-        for root in sorted(self._entries.iterdir()):
+        for name in self._entry_names():
+            root = self._entries / name
             try:
-                entry = self._read_manifest(root, root.name)
+                entry = self._read_manifest(root, name)
             except IntegrityError as exc:
                 logger.warning("%s", exc)
                 continue
@@ -413,24 +583,32 @@ class DiskCache:
                 continue
             try:
                 used = os.stat(root / ".used").st_mtime
-            except FileNotFoundError:
+            except OSError:
                 used = entry.created
             out.append((entry, used))
         return out
 
     def verify_all(self, mode: str = "full") -> list[tuple[str, str]]:
-        """Verify every entry; quarantine the corrupt ones. Returns ``(key, problem)`` pairs."""
+        """Verify every directory under ``entries/``; quarantine the damaged ones.
+
+        Never stops on one bad entry. Returns ``(name, problem)`` for each.
+        """
         problems = []
-        for root in sorted(self._entries.iterdir()):
-            key = root.name
-            with self.lock(key):
-                try:
-                    entry = self._read_manifest(root, key)
-                    if entry is not None:
-                        self._verify_entry(entry, mode)
-                except IntegrityError as exc:
-                    problems.append((key, str(exc)))
-                    self.quarantine(key, str(exc))
+        for name in self._entry_names():
+            root = self._entries / name
+            try:
+                if len(name) != 32 or not all(c in "0123456789abcdef" for c in name):
+                    raise IntegrityError(f"{name!r} is not a cache entry")
+                entry = self._read_manifest(root, name)
+                if entry is not None:
+                    self._verify_entry(entry, mode)
+            except IntegrityError as exc:
+                problems.append((name, str(exc)))
+                if self.read_only:
+                    continue
+                with self._lock(name, Deadline(self.lock_timeout)) as locked:
+                    if locked:
+                        self.quarantine(name, str(exc))
         return problems
 
     def total_size(self) -> int:
@@ -443,6 +621,8 @@ class DiskCache:
         target of a ref. Also removes quarantined entries and abandoned staging.
         """
         limit = self.max_size if max_size is None else max_size
+        if self.read_only:
+            return []
         self._clean_abandoned()
         if limit is None:
             return []
@@ -481,7 +661,8 @@ class DiskCache:
                 except BlockingIOError:
                     return False  # a process is serving it
                 trash = self._quarantine / f".evict-{entry.key}.{uuid.uuid4().hex[:8]}"
-                os.replace(entry.root, trash)
+                with cache_errors(f"evicting cache entry {entry.key}"):
+                    os.replace(entry.root, trash)
             finally:
                 os.close(fd)
             shutil.rmtree(trash, ignore_errors=True)
@@ -492,52 +673,68 @@ class DiskCache:
             lock.release()
 
     def _clean_abandoned(self) -> None:
+        """Remove quarantined entries, staging of published entries and staging abandoned
+        for a day (a younger one may still be resumed)."""
+        from filelock import FileLock, Timeout
+
         for q in self._quarantine.iterdir():
             shutil.rmtree(q, ignore_errors=True)
+        now = time.time()
         for stale in self._staging.iterdir():
             key = stale.name.split(".", 1)[0]
-            from filelock import FileLock, Timeout
-
+            published = (self._entries / key / "manifest.json").exists()
+            try:
+                old = now - stale.stat().st_mtime > _STALE_STAGING
+            except OSError:
+                continue
+            if not (published or old):
+                continue
             lock = FileLock(str(self._locks / f"{key}.lock"), timeout=0)
             try:
                 lock.acquire()
             except Timeout:
                 continue  # a fetch of that entry is running
             try:
+                logger.info("removing abandoned staging directory %s", stale)
                 shutil.rmtree(stale, ignore_errors=True)
             finally:
                 lock.release()
 
-    # -- helpers ------------------------------------------------------------------------
 
-    def _write_atomic(self, path: Path, data: bytes) -> None:
-        tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
-        try:
-            with open(tmp, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        except OSError as exc:
-            with contextlib.suppress(FileNotFoundError):
-                tmp.unlink()
-            if exc.errno in (errno.ENOSPC, errno.EDQUOT):
-                raise CacheError(f"no space left writing {path}") from exc
-            raise
+def _journal_size(stage: Path) -> int:
+    try:
+        return (stage / "journal.jsonl").stat().st_size
+    except OSError:
+        return -1
 
 
-def _ref_record(d: dict[str, Any]) -> RefRecord:
-    return RefRecord(d["identity"], d["ref"], d["key"], d["version"], d["source"], float(d["updated"]))
+def _check_belongs(entry: CachedEntry, resolved: ResolvedModel) -> None:
+    if (entry.source_id, entry.version) != (resolved.source_id, resolved.version):
+        raise IntegrityError(
+            f"cache entry {entry.key} holds {entry.source_id} {entry.version}, "
+            f"not {resolved.source_id} {resolved.version}"
+        )
+    if resolved.files is not None:
+        want = {(f.path, f.size) for f in resolved.files}
+        have = {(f.path, f.size) for f in entry.manifest.files}
+        if want != have:
+            raise IntegrityError(f"cache entry {entry.key} holds other files than {resolved.version} lists")
 
 
 def _walk_files(root: Path) -> Iterator[str]:
-    for dirpath, _, names in os.walk(root):
+    def fail(exc: OSError) -> None:
+        raise exc
+
+    for dirpath, _, names in os.walk(root, onerror=fail):
         for name in names:
             yield Path(dirpath, name).relative_to(root).as_posix()
 
 
-def verify_staged(files_dir: Path, manifest: Manifest, resolved: ResolvedModel) -> None:
+def verify_staged(files_dir: Path, manifest: Manifest, resolved: ResolvedModel) -> Manifest:
     """Check a fetch's output against its manifest and against what ``resolve`` promised.
+
+    Returns the manifest with ``verified="sha256"`` on files whose SHA-256 was known
+    before the download and matched.
 
     Raises:
         IntegrityError: Any path, size or hash differs, or a file is missing or extra.
@@ -558,69 +755,22 @@ def verify_staged(files_dir: Path, manifest: Manifest, resolved: ResolvedModel) 
             got = by_path[path]
             if exp.size != got.size:
                 raise IntegrityError(f"{path}: fetched {got.size} bytes, resolved {exp.size}")
-            if exp.sha256 and exp.sha256 != got.sha256:
-                raise IntegrityError(f"{path}: SHA-256 differs from the resolved one")
+            if exp.sha256:
+                if exp.sha256 != got.sha256:
+                    raise IntegrityError(f"{path}: SHA-256 differs from the resolved one")
+                if not got.verified:
+                    by_path[path] = FileEntry(got.path, got.size, got.sha256, got.pin, "sha256")
     on_disk = {}
-    for dirpath, _, names in os.walk(files_dir):
-        for name in names:
-            full = Path(dirpath, name)
-            if full.is_symlink() or not full.is_file():
-                raise IntegrityError(f"{full.relative_to(files_dir)} is not a regular file")
-            on_disk[full.relative_to(files_dir).as_posix()] = full.stat().st_size
+    with cache_errors(f"checking staged files in {files_dir}"):
+        for dirpath, _, names in os.walk(files_dir):
+            for name in names:
+                full = Path(dirpath, name)
+                if full.is_symlink() or not full.is_file():
+                    raise IntegrityError(f"{full.relative_to(files_dir)} is not a regular file")
+                on_disk[full.relative_to(files_dir).as_posix()] = full.stat().st_size
     if on_disk.keys() != by_path.keys():
         raise IntegrityError(f"staged files differ from the manifest: {sorted(on_disk.keys() ^ by_path.keys())[:3]}")
     for path, size in on_disk.items():
         if by_path[path].size != size:
             raise IntegrityError(f"{path}: {size} bytes on disk, the manifest says {by_path[path].size}")
-
-
-class MemoryCache:
-    """A bounded, thread-safe LRU of loaded objects with single-flight loading per key."""
-
-    def __init__(self, maxsize: int) -> None:
-        from cachetools import LRUCache
-
-        self._maxsize = maxsize
-        self._data: LRUCache[Hashable, Any] | None = LRUCache(maxsize) if maxsize > 0 else None
-        self._lock = threading.Lock()
-        self._inflight: dict[Hashable, threading.Lock] = {}
-
-    def get(self, key: Hashable) -> Any | None:
-        if self._data is None:
-            return None
-        with self._lock:
-            return self._data.get(key)
-
-    def get_or_load(self, key: Hashable, factory: Callable[[], T]) -> T:
-        """The cached value for ``key``, or ``factory()`` run once however many threads ask."""
-        if self._data is not None:
-            with self._lock:
-                if key in self._data:
-                    return self._data[key]  # type: ignore[no-any-return]
-                flight = self._inflight.setdefault(key, threading.Lock())
-        else:
-            with self._lock:
-                flight = self._inflight.setdefault(key, threading.Lock())
-        with flight:
-            try:
-                if self._data is not None:
-                    with self._lock:
-                        if key in self._data:
-                            return self._data[key]  # type: ignore[no-any-return]
-                value = factory()
-                if self._data is not None:
-                    with self._lock:
-                        self._data[key] = value
-                return value
-            finally:
-                with self._lock:
-                    self._inflight.pop(key, None)
-
-    def clear(self) -> None:
-        with self._lock:
-            if self._data is not None:
-                self._data.clear()
-
-    def __len__(self) -> int:
-        with self._lock:
-            return 0 if self._data is None else len(self._data)
+    return Manifest.of(by_path.values())

@@ -10,6 +10,7 @@ import hashlib
 import os
 import shutil
 import sys
+import uuid
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import BinaryIO
@@ -18,6 +19,7 @@ from model_loader.errors import CacheError, IntegrityError
 
 __all__ = [
     "CHUNK_SIZE",
+    "cache_errors",
     "check_free_space",
     "copy_file",
     "fsync_dir",
@@ -25,6 +27,7 @@ __all__ = [
     "is_selected",
     "safe_relpath",
     "sync_tree",
+    "write_atomic",
     "write_chunks",
     "write_stream",
 ]
@@ -63,15 +66,54 @@ def is_selected(path: str, include: Sequence[str], exclude: Sequence[str]) -> bo
     return not any(fnmatch.fnmatchcase(path, pat) for pat in exclude)
 
 
+_FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+
+
 @contextlib.contextmanager
 def _disk_errors(dest: Path) -> Iterator[None]:
     """A full disk (or quota, or file-size limit) becomes ``CacheError``; other OSErrors pass."""
     try:
         yield
     except OSError as exc:
-        if exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+        if exc.errno in _FULL:
             raise CacheError(f"no space left while writing {dest}: {exc.strerror}") from exc
         raise
+
+
+@contextlib.contextmanager
+def cache_errors(what: str) -> Iterator[None]:
+    """The one place the cache turns ``OSError`` into ``CacheError`` (a full disk, a
+    read-only or unwritable directory, anything else the filesystem refuses)."""
+    try:
+        yield
+    except CacheError:
+        raise
+    except OSError as exc:
+        if exc.errno in _FULL:
+            raise CacheError(f"no space left {what}: {exc.strerror}") from exc
+        if exc.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
+            raise CacheError(f"the cache is not writable {what}: {exc.strerror}") from exc
+        raise CacheError(f"cache I/O failed {what}: {exc.strerror or exc}") from exc
+
+
+def write_atomic(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` through a fsynced temporary file and ``os.replace``.
+
+    Raises:
+        CacheError: The write failed (disk full, read-only, ...); nothing is left behind.
+    """
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
+    with cache_errors(f"writing {path}"):
+        try:
+            with open(tmp, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                tmp.unlink()
+            raise
 
 
 def write_chunks(chunks: Iterable[bytes], dest: Path) -> tuple[int, str]:

@@ -103,7 +103,7 @@ def _report(exc: BaseException) -> int:
         return 2
     if isinstance(exc, AllSourcesFailedError):
         detail = "; ".join(f"{uri}: {type(err).__name__}: {_first_line(err)}" for uri, err in exc.failures)
-        print(f"model-loader: every source failed: {detail}", file=sys.stderr)
+        print(f"model-loader: {_first_line(exc)}" + (f": {detail}" if detail else ""), file=sys.stderr)
         return 1
     if isinstance(exc, InvalidReferenceError | ValueError):
         print(f"model-loader: {_first_line(exc)}", file=sys.stderr)

@@ -1,18 +1,28 @@
-"""ResilientLoader: resolve -> memory -> disk cache -> fetch -> verify -> publish, with
-retries, deadlines, fallback across sources and last-known-good serving."""
+"""ResilientLoader: the policy of a load. Sources in order, retries with backoff, one
+deadline, fallback to earlier versions, the next source, then the last-known-good copy.
+
+The cache owns the transaction of getting a verified entry (see :mod:`._cache`); this
+module decides what to ask of whom, for how long, and what to serve when they fail.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
-import shutil
+import os
+import threading
 import time
+from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
-from model_loader._cache import CachedEntry, DiskCache, MemoryCache
+from model_loader._cache import CachedEntry, CacheHit, DiskCache
+from model_loader._deadline import Deadline
+from model_loader._memory import MemoryCache
+from model_loader._staging import Staging
 from model_loader._types import FetchResult, LoadedModel, ModelRef, ResolvedModel, Timings
 from model_loader._uri import parse_ref
 from model_loader.config import LoaderConfig
@@ -22,9 +32,7 @@ from model_loader.errors import (
     IntegrityError,
     MissingDependencyError,
     ModelLoaderError,
-    ModelNotFoundError,
     SourceError,
-    SourceTimeoutError,
     SourceUnavailableError,
     StaleResolutionError,
 )
@@ -36,20 +44,12 @@ __all__ = ["ResilientLoader", "SourceSpec", "default_model_loader"]
 logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
-SourceLike = str | ModelRef | tuple[ModelSource, "str | ModelRef"]
+SourceLike = str | os.PathLike[str] | ModelRef | tuple[ModelSource, "str | ModelRef"]
 LoaderFn = Callable[[Path], Any]
 
 # Failures after which serving the last-known-good version is right: the authority did not
 # say "this does not exist" or "you may not", it just could not deliver.
 _DEGRADABLE = (SourceUnavailableError, StaleResolutionError, IntegrityError)
-
-
-class _NoObserver:
-    def fetch_started(self, source: str, staging: Path, expected_bytes: int | None) -> None:
-        return None
-
-    def fetch_finished(self, source: str) -> None:
-        return None
 
 
 @dataclass(frozen=True, slots=True)
@@ -81,22 +81,40 @@ def default_model_loader(path: Path) -> Any:
         import mlflow.pyfunc
     except ImportError as exc:
         raise MissingDependencyError(
-            "loading an MLflow model needs mlflow: pip install 'model-loader[mlflow]', or pass loader_fn=...",
+            f"loading an MLflow model needs mlflow ({exc}): pip install 'model-loader[mlflow]', or pass loader_fn=...",
             extra="mlflow",
         ) from exc
     return mlflow.pyfunc.load_model(str(path))
+
+
+class _Load:
+    """The per-call state of one load: its deadline, failures and retries so far."""
+
+    def __init__(self, config: LoaderConfig) -> None:
+        self.start = time.monotonic()
+        self.deadline = Deadline(config.deadline, what=f"the load's {config.deadline:g}s deadline")
+        self.failures: list[tuple[str, BaseException]] = []
+        self.retries: dict[str, int] = {}
+
+    def failed(self, uri: str, exc: BaseException) -> None:
+        self.failures.append((uri, exc))
+
+    def described(self) -> tuple[tuple[str, str], ...]:
+        return tuple((uri, f"{type(exc).__name__}: {exc}") for uri, exc in self.failures)
 
 
 class ResilientLoader:
     """Load one model from ordered sources with caching, retries and fallback.
 
     Args:
-        sources: URIs (``"models:/iris@champion"``), parsed refs, or ``(source, uri)`` pairs,
-            tried in order. Default: ``config.sources``.
+        sources: One URI (``"models:/iris@champion"``), or several URIs, parsed refs or
+            ``(source, uri)`` pairs, tried in order. Default: ``config.sources``.
         config: Settings; default :meth:`LoaderConfig.from_env` (read now, not at import).
         loader_fn: Turns a model directory into an object for :meth:`load`.
         sleep: Used between retries (tests inject a fake).
         observer: Download hooks (progress reporting).
+        memory: A memory cache of loaded objects to share with other loaders (an
+            identical version is then deserialized once); default: this loader's own.
 
     Example:
         >>> loader = ResilientLoader(["models:/iris@champion", "s3://models/iris/"])
@@ -107,12 +125,13 @@ class ResilientLoader:
 
     def __init__(
         self,
-        sources: Sequence[SourceLike] | None = None,
+        sources: SourceLike | Sequence[SourceLike] | None = None,
         *,
         config: LoaderConfig | None = None,
         loader_fn: LoaderFn | None = None,
         sleep: Callable[[float], None] = time.sleep,
         observer: FetchObserver | None = None,
+        memory: MemoryCache | None = None,
     ) -> None:
         self.config = config if config is not None else LoaderConfig.from_env()
         c = self.config
@@ -123,19 +142,20 @@ class ResilientLoader:
             lock_timeout=c.cache.lock_timeout,
             min_free=c.cache.min_free,
         )
-        self.memory = MemoryCache(c.cache.memory_items)
+        self.memory = memory if memory is not None else MemoryCache(c.cache.memory_items)
         self._loader_fn = loader_fn
         self._sleep = sleep
-        self._observer: FetchObserver = observer or _NoObserver()
+        self._observer = observer
         self._settings = SourceSettings(
             connect_timeout=c.connect_timeout,
             read_timeout=c.read_timeout,
             max_concurrency=c.max_concurrency,
             include=c.include,
             exclude=c.exclude,
-            state_dir=self.cache.state_dir,
+            state_dir=None if self.cache.read_only else self.cache.state_dir,
+            allow_local_artifacts=c.allow_local_artifacts,
         )
-        items = list(sources) if sources is not None else list(c.sources)
+        items = _as_list(sources) if sources is not None else list(c.sources)
         if not items:
             raise ValueError("ResilientLoader needs at least one source (argument or MODEL_LOADER_SOURCES)")
         self._specs: list[SourceSpec] = []
@@ -146,7 +166,8 @@ class ResilientLoader:
             self.close()
             raise
         self.last_result: FetchResult | None = None
-        self._recent: dict[LoaderFn | None, tuple[float, FetchResult, Any]] = {}
+        self._lock = threading.Lock()
+        self._recent: OrderedDict[LoaderFn | None, tuple[float, LoadedModel]] = OrderedDict()
         self._serving: dict[str, str] = {}  # source uri -> cache key it serves now
 
     def _spec(self, item: SourceLike) -> SourceSpec:
@@ -171,10 +192,9 @@ class ResilientLoader:
 
         Raises:
             AllSourcesFailedError: No source delivered and nothing usable is cached.
-            CacheError: The cache disk is full or locked too long.
+            CacheError: The cache disk is full, or a read-only cache has no copy.
         """
-        result = self._run(None)
-        return result[0]
+        return self._run(None).result
 
     def load(self, loader_fn: LoaderFn | None = None) -> Any:
         """Fetch, then deserialize (cached in memory per version); see :attr:`last_result`.
@@ -186,8 +206,7 @@ class ResilientLoader:
         Raises:
             DeserializationError: The loader function raised (and no earlier version served).
         """
-        fn = loader_fn or self._loader_fn or default_model_loader
-        return self._run(fn)[1]
+        return self.load_with_result(loader_fn).model
 
     def load_with_result(self, loader_fn: LoaderFn | None = None) -> LoadedModel:
         """:meth:`load`, returning the object and the :class:`FetchResult` that served it together.
@@ -198,9 +217,7 @@ class ResilientLoader:
             >>> model, result = loader.load_with_result()
             >>> result.version, result.timings.deserialize
         """
-        fn = loader_fn or self._loader_fn or default_model_loader
-        result, obj = self._run(fn)
-        return LoadedModel(obj, result)
+        return self._run(loader_fn or self._loader_fn or default_model_loader)
 
     async def aload_with_result(self, loader_fn: LoaderFn | None = None) -> LoadedModel:
         """:meth:`load_with_result` in a worker thread."""
@@ -229,63 +246,61 @@ class ResilientLoader:
 
     # -- the path of one load -----------------------------------------------------------
 
-    def _run(self, fn: LoaderFn | None) -> tuple[FetchResult, Any]:
+    def _run(self, fn: LoaderFn | None) -> LoadedModel:
         ttl = self.config.resolve_ttl
-        if ttl > 0:
-            recent = self._recent.get(fn)
+        keep = ttl > 0 and (fn is None or self.memory.maxsize > 0)
+        if keep:
+            with self._lock:
+                recent = self._recent.get(fn)
             if recent is not None and time.monotonic() - recent[0] < ttl:
-                return recent[1], recent[2]  # the hot path: no resolve, no disk
-            out = self._run_once(fn)
-            self._recent[fn] = (time.monotonic(), *out)
-            return out
-        return self._run_once(fn)
+                return recent[1]  # the hot path: no resolve, no disk
+        out = self._run_once(fn)
+        with self._lock:
+            self.last_result = out.result
+            if keep:
+                self._recent[fn] = (time.monotonic(), out)
+                self._recent.move_to_end(fn)
+                while len(self._recent) > max(1, self.memory.maxsize):
+                    self._recent.popitem(last=False)
+        return out
 
-    def _run_once(self, fn: LoaderFn | None) -> tuple[FetchResult, Any]:
-        start = time.monotonic()
-        deadline = start + self.config.deadline
-        failures: list[tuple[str, BaseException]] = []
+    def _run_once(self, fn: LoaderFn | None) -> LoadedModel:
+        load = _Load(self.config)
         if self.config.offline:
-            cached = self._serve_cached(fn, start, failures, offline=True)
-            if cached is None:
-                raise AllSourcesFailedError("offline mode: nothing usable in the cache", failures)
-            return cached
-        for spec in self._specs:
-            if time.monotonic() >= deadline:
-                failures.append((spec.uri, SourceTimeoutError("the loader's deadline expired before this source")))
+            served = self._serve_cached(fn, load, offline=True)
+            if isinstance(served, LoadedModel):
+                return served
+            raise AllSourcesFailedError(f"offline mode: nothing usable in the cache ({served})", load.failures)
+        has_cached = any(self._lkg_key(spec) is not None for spec in self._specs)
+        for i, spec in enumerate(self._specs):
+            if load.deadline.expired():
+                load.failed(spec.uri, load.deadline.error("not tried"))
                 continue
+            fallback = has_cached or i + 1 < len(self._specs)
             try:
-                out = self._from_source(spec, fn, start, deadline, failures)
+                return self._from_source(spec, fn, load, fallback)
             except (SourceError, IntegrityError, DeserializationError) as exc:
-                failures.append((spec.uri, exc))
+                load.failed(spec.uri, exc)
                 logger.warning("source %s failed: %s: %s", spec.uri, type(exc).__name__, exc)
-                continue
-            self.last_result = out[0]
-            return out
-        if any(isinstance(exc, _DEGRADABLE) for _, exc in failures):
-            cached = self._serve_cached(fn, start, failures, offline=False)
-            if cached is not None:
-                return cached
-        logger.error("every source failed: %s", "; ".join(f"{u}: {type(e).__name__}" for u, e in failures))
-        raise AllSourcesFailedError("every source failed and no cached version could be served", failures)
+        note = "no source was degradable"
+        if any(isinstance(exc, _DEGRADABLE) for _, exc in load.failures):
+            served = self._serve_cached(fn, load, offline=False)
+            if isinstance(served, LoadedModel):
+                return served
+            note = served
+        logger.error("every source failed: %s", "; ".join(f"{u}: {type(e).__name__}" for u, e in load.failures))
+        raise AllSourcesFailedError(f"every source failed and nothing cached could be served ({note})", load.failures)
 
-    def _from_source(
-        self,
-        spec: SourceSpec,
-        fn: LoaderFn | None,
-        start: float,
-        deadline: float,
-        failures: list[tuple[str, BaseException]],
-    ) -> tuple[FetchResult, Any]:
-        source_deadline = min(deadline, time.monotonic() + self.config.retry.source_deadline)
+    def _from_source(self, spec: SourceSpec, fn: LoaderFn | None, load: _Load, fallback: bool) -> LoadedModel:
+        budget = load.deadline.narrow(self.config.retry.source_deadline, what=f"the source deadline of {spec.uri}")
+        resolve_budget = (
+            budget.narrow(self.config.resolve_timeout, what=f"the {self.config.resolve_timeout:g}s resolve budget")
+            if fallback
+            else budget
+        )
         t0 = time.monotonic()
-        resolved = self._retry(lambda: spec.source.resolve(spec.ref), source_deadline, spec, "resolve")
+        resolved = self._retry(lambda: spec.source.resolve(spec.ref), resolve_budget, spec, "resolve", load)
         t_resolve = time.monotonic() - t0
-        if fn is not None:
-            hit = self.memory.get((resolved.cache_key, fn))
-            if hit is not None:
-                result, obj = hit
-                timings = Timings(resolve=t_resolve, total=time.monotonic() - start)
-                return _replace(result, from_cache=True, timings=timings, failures=_describe(failures)), obj
         candidates: list[ResolvedModel] = [resolved]
         errors: list[BaseException] = []
         history_checked = False
@@ -293,7 +308,7 @@ class ResilientLoader:
         while i < len(candidates):
             candidate = candidates[i]
             try:
-                return self._serve(spec, candidate, fn, start, t_resolve, source_deadline, failures)
+                return self._serve(spec, candidate, fn, load, t_resolve, budget)
             except (SourceError, IntegrityError, DeserializationError) as exc:
                 if isinstance(exc, SourceUnavailableError) or not self.config.fallback_versions:
                     raise
@@ -303,205 +318,268 @@ class ResilientLoader:
                 )
                 if not history_checked:
                     history_checked = True
-                    candidates.extend(self._history(spec, candidate, source_deadline))
+                    candidates.extend(self._history(spec, candidate, budget, load))
             i += 1
         raise errors[0]
 
-    def _history(self, spec: SourceSpec, resolved: ResolvedModel, deadline: float) -> list[ResolvedModel]:
+    def _history(self, spec: SourceSpec, resolved: ResolvedModel, budget: Deadline, load: _Load) -> list[ResolvedModel]:
         source = spec.source
         if not (type(source).capabilities.version_history and isinstance(source, SupportsVersionHistory)):
             return []
         n = self.config.fallback_versions
-        return self._retry(lambda: source.previous_versions(resolved, n), deadline, spec, "list versions")
+        return self._retry(lambda: source.previous_versions(resolved, n), budget, spec, "list versions", load)
 
     def _serve(
         self,
         spec: SourceSpec,
         resolved: ResolvedModel,
         fn: LoaderFn | None,
-        start: float,
+        load: _Load,
         t_resolve: float,
-        deadline: float,
-        failures: list[tuple[str, BaseException]],
-    ) -> tuple[FetchResult, Any]:
+        budget: Deadline,
+    ) -> LoadedModel:
+        memo = self.memory.get((resolved.cache_key, fn)) if fn is not None else None
+        if memo is not None:  # loaded before: no disk, no deserialization
+            result = dataclasses.replace(
+                memo.result,
+                source=spec.uri,
+                ref=spec.ref,
+                from_cache=True,
+                degraded=False,
+                offline=False,
+                downloaded=0,
+                timings=Timings(resolve=t_resolve, total=time.monotonic() - load.start),
+                failures=load.described(),
+                retries=tuple(load.retries.items()),
+            )
+            self._record(spec, memo.entry, resolved.version)
+            return LoadedModel(memo.model, result)
         t0 = time.monotonic()
         try:
-            entry, fetched, t_verify = self._materialize(spec, resolved, deadline)
+            hit = self._materialize(spec, resolved, budget, load)
         except StaleResolutionError:
             logger.warning("%s changed while fetching %s; resolving again", spec.uri, resolved.version)
-            resolved = self._retry(lambda: spec.source.resolve(spec.ref), deadline, spec, "resolve")
-            entry, fetched, t_verify = self._materialize(spec, resolved, deadline)
-        t_fetch = time.monotonic() - t0 - t_verify
-        result = FetchResult(
+            resolved = self._retry(lambda: spec.source.resolve(spec.ref), budget, spec, "resolve", load)
+            hit = self._materialize(spec, resolved, budget, load)
+        entry = hit.entry
+        if self.config.require_verified and not entry.verified:
+            unverified = [f.path for f in entry.manifest.files if not f.verified][:3]
+            raise IntegrityError(
+                f"{spec.uri} version {entry.version} cannot be verified end to end (only sizes for {unverified}); "
+                "require_verified is set"
+            )
+        timings = Timings(
+            resolve=t_resolve, fetch=time.monotonic() - t0 - hit.verify_seconds, verify=hit.verify_seconds
+        )
+        result = self._result(spec, entry, load, timings, from_cache=not hit.fetched)
+        out = self._deserialize(fn, result, entry, load) if fn is not None else LoadedModel(None, result)
+        self._record(spec, entry, entry.version)
+        if hit.fetched and self.cache.max_size is not None:
+            self.cache.prune()
+        return out
+
+    def _result(
+        self,
+        spec: SourceSpec,
+        entry: CachedEntry,
+        load: _Load,
+        timings: Timings,
+        *,
+        from_cache: bool,
+        degraded: bool = False,
+        offline: bool = False,
+    ) -> FetchResult:
+        return FetchResult(
             path=entry.path,
             source=spec.uri,
             ref=spec.ref,
             version=entry.version,
             digest=entry.digest,
-            from_cache=not fetched,
-            timings=Timings(resolve=t_resolve, fetch=t_fetch, verify=t_verify, total=time.monotonic() - start),
-            failures=_describe(failures),
+            from_cache=from_cache,
+            degraded=degraded,
+            offline=offline,
+            timings=dataclasses.replace(timings, total=time.monotonic() - load.start),
+            failures=load.described(),
+            verified=entry.verified,
+            size=entry.size,
+            downloaded=0 if from_cache else entry.size,
+            retries=tuple(load.retries.items()),
         )
-        obj = self._deserialize(fn, result, entry.key) if fn is not None else None
-        self.cache.record_ref(spec.source.identity, spec.ref.uri, entry, spec.uri)
-        self._now_serving(spec.uri, entry.key)
-        if fetched and self.cache.max_size is not None:
-            self.cache.prune()
-        return result, obj
 
-    def _now_serving(self, uri: str, key: str) -> None:
-        """Release the lease on the version this source served before, once nothing serves it."""
-        previous = self._serving.get(uri)
-        self._serving[uri] = key
-        if previous is not None and previous != key and previous not in self._serving.values():
+    def _record(self, spec: SourceSpec, entry: CachedEntry, version: str) -> None:
+        """Every successful load records last-known-good, memory hits included."""
+        self.cache.record_ref(spec.source.identity, spec.ref.uri, entry, spec.uri)
+        previous = self._serving.get(spec.uri)
+        self._serving[spec.uri] = entry.key
+        if previous is not None and previous != entry.key and previous not in self._serving.values():
             self.cache.release_lease(previous)
 
-    def _deserialize(self, fn: LoaderFn, result: FetchResult, key: str) -> Any:
-        def build() -> tuple[FetchResult, Any]:
+    def _deserialize(self, fn: LoaderFn, result: FetchResult, entry: CachedEntry, load: _Load) -> LoadedModel:
+        def build() -> _Memo:
+            t0 = time.monotonic()
             try:
-                return result, fn(result.path)
+                obj = fn(result.path)
             except ModelLoaderError:
                 raise
             except Exception as exc:
                 raise DeserializationError(f"loading {result.source} version {result.version} failed: {exc}") from exc
+            timed = dataclasses.replace(
+                result, timings=dataclasses.replace(result.timings, deserialize=time.monotonic() - t0)
+            )
+            return _Memo(obj, timed, entry)
 
-        return self.memory.get_or_load((key, fn), build)[1]
+        memo, loaded_now = self.memory.get_or_load((entry.key, fn), build)
+        if loaded_now:
+            result = memo.result
+        timings = dataclasses.replace(result.timings, total=time.monotonic() - load.start)
+        return LoadedModel(memo.model, dataclasses.replace(result, timings=timings))
 
-    def _materialize(
-        self, spec: SourceSpec, resolved: ResolvedModel, deadline: float
-    ) -> tuple[CachedEntry, bool, float]:
-        """The verified cache entry for ``resolved``, fetching it if needed.
+    def _materialize(self, spec: SourceSpec, resolved: ResolvedModel, budget: Deadline, load: _Load) -> CacheHit:
+        """The verified cache entry for ``resolved``, fetched (resumably) if needed."""
+        observer = self._observer
+        progress_fn = getattr(observer, "fetch_progress", None)
 
-        Returns:
-            ``(entry, fetched, seconds spent verifying)``.
-        """
-        key = resolved.cache_key
-        t0 = time.monotonic()
-        try:
-            hit = self.cache.lookup(key)
-        except IntegrityError:
-            hit = None  # corrupt: re-checked and quarantined under the lock below
-        if hit is not None:
-            return hit, False, time.monotonic() - t0
-        with self.cache.lock(key):
-            try:
-                hit = self.cache.lookup(key)
-            except IntegrityError as exc:
-                self.cache.quarantine(key, str(exc))
-                hit = None
-            if hit is not None:
-                return hit, False, 0.0  # another process fetched it while we waited
-            self.cache.clean_stale_staging(key)
+        def progress(n: int) -> None:
+            if progress_fn is not None:
+                progress_fn(spec.uri, n)
+
+        def fill(staging: Staging) -> Any:
             expected = sum(f.size for f in resolved.files) if resolved.files is not None else None
-            with self.cache.staging(key, expected) as stage:
-                files_dir = stage / "files"
+            if observer is not None:
+                observer.fetch_started(spec.uri, staging.files_dir, expected)
+            try:
+                return self._retry(
+                    lambda: staging.attempt(spec.source, resolved), budget, spec, "fetch", load, staging=staging
+                )
+            finally:
+                if observer is not None:
+                    observer.fetch_finished(spec.uri)
 
-                def attempt() -> Any:
-                    if any(files_dir.iterdir()):
-                        shutil.rmtree(files_dir)
-                        files_dir.mkdir()
-                    return spec.source.fetch(resolved, files_dir)
+        return self.cache.fill(resolved, fill, deadline=budget, source=spec.uri, progress=progress)
 
-                self._observer.fetch_started(spec.uri, files_dir, expected)
-                try:
-                    manifest = self._retry(attempt, deadline, spec, "fetch")
-                finally:
-                    self._observer.fetch_finished(spec.uri)
-                t0 = time.monotonic()
-                entry = self.cache.publish(stage, resolved, manifest, spec.uri)
-                return entry, True, time.monotonic() - t0
+    def _lkg_key(self, spec: SourceSpec) -> str | None:
+        record = self.cache.read_ref(spec.source.identity, spec.ref.uri)
+        return record.key if record is not None else None
 
-    def _serve_cached(
-        self, fn: LoaderFn | None, start: float, failures: list[tuple[str, BaseException]], *, offline: bool
-    ) -> tuple[FetchResult, Any] | None:
-        """Serve the last-known-good entry of the first source that has one.
+    def _serve_cached(self, fn: LoaderFn | None, load: _Load, *, offline: bool) -> LoadedModel | str:
+        """Serve the last-known-good entry of the first source that has a usable one.
 
-        Returns ``None`` (with each source's reason appended to ``failures``) when none has.
+        Returns what was served, or a sentence saying why nothing could be.
         """
-        reasons = list(failures)
+        notes = []
         for spec in self._specs:
             record = self.cache.read_ref(spec.source.identity, spec.ref.uri)
             if record is None:
-                failures.append((spec.uri, ModelNotFoundError("no last-known-good version in the cache")))
+                notes.append(f"no last-known-good version of {spec.uri} (source {spec.source.identity})")
                 continue
-            try:
-                entry = self.cache.lookup(record.key)
-            except IntegrityError as exc:
-                with self.cache.lock(record.key):
-                    self.cache.quarantine(record.key, str(exc))
-                failures.append((spec.uri, exc))
-                continue
+            entry, problem = self.cache.get(record.key, deadline=load.deadline)
             if entry is None:
-                failures.append((spec.uri, ModelNotFoundError(f"cached version {record.version} was evicted")))
+                why = f"is damaged: {problem}" if problem else "was evicted"
+                notes.append(f"the cached version {record.version} of {spec.uri} {why}")
                 continue
-            result = FetchResult(
-                path=entry.path,
-                source=spec.uri,
-                ref=spec.ref,
-                version=entry.version,
-                digest=entry.digest,
-                from_cache=True,
-                degraded=not offline,
-                offline=offline,
-                timings=Timings(total=time.monotonic() - start),
-                failures=_describe(reasons),
-            )
+            if self.config.require_verified and not entry.verified:
+                notes.append(f"the cached version {record.version} of {spec.uri} is not verified end to end")
+                continue
+            result = self._result(spec, entry, load, Timings(), from_cache=True, degraded=not offline, offline=offline)
             if not offline:
                 logger.warning(
                     "every source failed; serving last-known-good %s version %s from the cache (degraded)",
                     spec.uri,
                     entry.version,
                 )
-            obj = self._deserialize(fn, result, entry.key) if fn is not None else None
-            self.last_result = result
-            return result, obj
-        return None
+            try:
+                out = self._deserialize(fn, result, entry, load) if fn is not None else LoadedModel(None, result)
+            except DeserializationError as exc:
+                notes.append(f"the cached version {record.version} of {spec.uri} failed to load: {exc}")
+                continue
+            self._record(spec, entry, entry.version)
+            return out
+        return "; ".join(notes)
 
     # -- retries ------------------------------------------------------------------------
 
-    def _retry(self, fn: Callable[[], T], deadline: float, spec: SourceSpec, what: str) -> T:
+    def _retry(
+        self,
+        fn: Callable[[], T],
+        budget: Deadline,
+        spec: SourceSpec,
+        what: str,
+        load: _Load,
+        *,
+        staging: Staging | None = None,
+    ) -> T:
+        """Run ``fn`` under ``budget`` (the current deadline of the source call), retrying
+        ``SourceUnavailableError`` with exponential backoff and jitter.
+
+        ``attempts`` counts consecutive failures; a fetch attempt that completed files
+        (``staging.progressed``) starts the count again, so a retry that makes progress is
+        never the one that gives up.
+        """
         import tenacity
 
         policy = self.config.retry
+        streak = [0]
 
-        class _PastDeadline(tenacity.stop.stop_base):
-            # stop when the next backoff would end past the deadline, not after it
+        def failed_in_a_row(state: tenacity.RetryCallState) -> int:
+            return streak[0]
+
+        class _Stop(tenacity.stop.stop_base):
             def __call__(self, state: tenacity.RetryCallState) -> bool:
-                return time.monotonic() + (state.upcoming_sleep or 0.0) >= deadline
+                streak[0] = 0 if staging is not None and staging.progressed else streak[0] + 1
+                wait = min(policy.max_backoff, policy.initial_backoff * 2 ** (streak[0] - 1)) + policy.jitter
+                return streak[0] >= policy.attempts or budget.remaining() <= wait
+
+        def backoff(state: tenacity.RetryCallState) -> float:
+            import random
+
+            n = max(1, failed_in_a_row(state))
+            delay: float = min(policy.max_backoff, policy.initial_backoff * 2 ** (n - 1))
+            return delay + random.uniform(0, policy.jitter)
 
         def log_retry(state: tenacity.RetryCallState) -> None:
             exc = state.outcome.exception() if state.outcome else None
             wait = state.next_action.sleep if state.next_action else 0.0
+            load.retries[spec.uri] = load.retries.get(spec.uri, 0) + 1
             logger.warning(
-                "%s of %s failed (attempt %d/%d): %s; retrying in %.2fs",
+                "%s of %s failed (attempt %d, %d in a row of %d allowed): %s; retrying in %.2fs",
                 what,
                 spec.uri,
                 state.attempt_number,
+                streak[0],
                 policy.attempts,
                 exc,
                 wait,
             )
 
-        if time.monotonic() >= deadline:
-            raise SourceTimeoutError(f"{what} of {spec.uri}: deadline expired", scheme=spec.ref.scheme, ref=spec.uri)
+        def attempt() -> T:
+            budget.check(f"{what} of {spec.uri}", scheme=spec.ref.scheme, ref=spec.uri)
+            with budget.applied():
+                return fn()
+
         retrying = tenacity.Retrying(
-            stop=tenacity.stop_any(tenacity.stop_after_attempt(policy.attempts), _PastDeadline()),
-            # exponential backoff with additive jitter (stable tenacity API since 4.x)
-            wait=tenacity.wait_exponential(multiplier=policy.initial_backoff, max=policy.max_backoff)
-            + tenacity.wait_random(0, policy.jitter),
+            stop=_Stop(),
+            wait=backoff,
             retry=tenacity.retry_if_exception_type(SourceUnavailableError),
             reraise=True,
-            sleep=self._sleep,
+            sleep=lambda seconds: budget.sleep(seconds, self._sleep),
             before_sleep=log_retry,
         )
-        return retrying(fn)
+        return retrying(attempt)
 
 
-def _describe(failures: list[tuple[str, BaseException]]) -> tuple[tuple[str, str], ...]:
-    return tuple((uri, f"{type(exc).__name__}: {exc}") for uri, exc in failures)
+@dataclass(frozen=True, slots=True)
+class _Memo:
+    """What the memory cache keeps per (version, loader_fn)."""
+
+    model: Any
+    result: FetchResult
+    entry: CachedEntry
 
 
-def _replace(result: FetchResult, **changes: Any) -> FetchResult:
-    import dataclasses
-
-    return dataclasses.replace(result, **changes)
+def _as_list(sources: Any) -> list[SourceLike]:
+    """One source or many: a lone string, path, ref or ``(source, uri)`` pair is one source."""
+    if isinstance(sources, (str, os.PathLike, ModelRef)):
+        return [sources]
+    if isinstance(sources, tuple) and len(sources) == 2 and isinstance(sources[0], ModelSource):
+        return [sources]
+    return list(sources)

@@ -15,11 +15,13 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import ClassVar
 
+from model_loader._deadline import FetchContext
 from model_loader._io import copy_file, hash_file, is_selected
 from model_loader._types import FileEntry, Manifest, ModelRef, ResolvedModel
 from model_loader.errors import (
     AccessDeniedError,
     IntegrityError,
+    ModelLoaderError,
     ModelNotFoundError,
     SourceError,
     SourceUnavailableError,
@@ -55,7 +57,7 @@ class LocalSource:
     """
 
     scheme: ClassVar[str] = "file"
-    capabilities: ClassVar[SourceCapabilities] = SourceCapabilities(remote=False)
+    capabilities: ClassVar[SourceCapabilities] = SourceCapabilities(remote=False, resumable=True)
 
     def __init__(
         self,
@@ -92,8 +94,8 @@ class LocalSource:
     def _map_errors(self, ref: ModelRef, what: str) -> Iterator[None]:
         try:
             yield
-        except (SourceError, IntegrityError):
-            raise
+        except ModelLoaderError:
+            raise  # SourceError, IntegrityError, and CacheError (a full disk is not the source's fault)
         except FileNotFoundError as exc:
             raise ModelNotFoundError(
                 f"{what}: {exc.filename or ref.location} does not exist", scheme="file", ref=ref.uri
@@ -193,8 +195,11 @@ class LocalSource:
         except (OSError, ValueError) as exc:
             logger.warning("ignoring unreadable hash memo %s: %s", path, exc)
             return path
+        parsed = [row for row in rows if _memo_row_ok(row)] if isinstance(rows, list) else []
+        if not isinstance(rows, list) or len(parsed) != len(rows):
+            logger.warning("ignoring malformed rows of the hash memo %s (the files are hashed again)", path)
         with self._lock:
-            for full, dev, ino, size, mtime, rel, sha in rows:
+            for full, dev, ino, size, mtime, rel, sha in parsed:
                 self._hashes.setdefault(full, ((dev, ino, size, mtime), FileEntry(rel, size, sha)))
         return path
 
@@ -228,6 +233,7 @@ class LocalSource:
             raise IntegrityError("a local resolution always lists its files")
         root = Path(resolved.meta["path"])
         ref = resolved.ref
+        ctx = FetchContext.current()
 
         def copy(entry: FileEntry) -> FileEntry:
             target = dest / entry.path
@@ -235,7 +241,10 @@ class LocalSource:
             size, digest = copy_file(root / entry.path, target)
             if size != entry.size or digest != entry.sha256:
                 raise StaleResolutionError(f"{entry.path} changed after it was resolved", scheme="file", ref=ref.uri)
-            return FileEntry(entry.path, size, digest)
+            done = FileEntry(entry.path, size, digest, None, "sha256")
+            ctx.progress(size)
+            ctx.file_done(done)
+            return done
 
         with self._map_errors(ref, "fetch"):
             if len(resolved.files) == 1 or self._workers == 1:
@@ -251,3 +260,17 @@ class LocalSource:
         with self._lock:
             self._hashes.clear()
             self._resolved.clear()
+
+
+def _memo_row_ok(row: object) -> bool:
+    """A memo row is ``[full, dev, ino, size, mtime_ns, rel, sha256]`` with those types."""
+    if not isinstance(row, list) or len(row) != 7:
+        return False
+    full, dev, ino, size, mtime, rel, sha = row
+    ints = (dev, ino, size, mtime)
+    return (
+        isinstance(full, str)
+        and isinstance(rel, str)
+        and isinstance(sha, str)
+        and all(isinstance(v, int) and not isinstance(v, bool) for v in ints)
+    )

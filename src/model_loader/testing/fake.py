@@ -12,6 +12,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import ClassVar
 
+from model_loader._deadline import FetchContext
 from model_loader._io import safe_relpath, write_chunks
 from model_loader._types import FileEntry, Manifest, ModelRef, ResolvedModel
 from model_loader.errors import ModelNotFoundError, SourceError, SourceUnavailableError
@@ -35,7 +36,7 @@ class InMemorySource:
 
     scheme: ClassVar[str] = "mem"
     capabilities: ClassVar[SourceCapabilities] = SourceCapabilities(
-        remote=True, immutable_versions=True, version_history=True
+        remote=True, immutable_versions=True, version_history=True, resumable=True
     )
 
     def __init__(self, name: str = "default") -> None:
@@ -132,12 +133,19 @@ class InMemorySource:
             raise ModelNotFoundError(
                 f"the files of {resolved.version} are gone", scheme=self.scheme, ref=resolved.ref.uri
             )
+        ctx = FetchContext.current()
+        wanted = {f.path for f in resolved.files} if resolved.files is not None else set(files)
         entries = []
         for path, data in sorted(files.items()):
+            if path not in wanted:
+                continue  # already fetched by an earlier attempt (resumed)
             target = Path(dest, safe_relpath(path))
             target.parent.mkdir(parents=True, exist_ok=True)
             size, sha = write_chunks([data], target)
-            entries.append(FileEntry(path, size, sha))
+            entry = FileEntry(path, size, sha)
+            ctx.progress(size)
+            ctx.file_done(entry)
+            entries.append(entry)
         return Manifest.of(entries)
 
     def previous_versions(self, resolved: ResolvedModel, limit: int) -> list[ResolvedModel]:

@@ -1,0 +1,200 @@
+"""A staging directory that survives retries and killed processes: fetches resume.
+
+Layout of one staging directory (``<cache>/.staging/<key>.<id>/``)::
+
+    files/...          what the source writes (becomes the entry's files/)
+    journal.jsonl      one line per file completed and checked by the source
+
+A file is kept across attempts only once it is in the journal; anything else in
+``files/`` is a partial write and is removed before the next attempt. When a process
+dies, the next process that takes the entry's lock adopts its staging directory,
+checks every journalled file again (size and SHA-256: the page cache may not have
+reached the disk) and asks the source only for the rest.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import logging
+import os
+import shutil
+import threading
+from pathlib import Path
+from types import MappingProxyType
+from typing import Any
+
+from model_loader._deadline import FetchContext
+from model_loader._io import cache_errors, hash_file, safe_relpath
+from model_loader._types import FileEntry, Manifest, ResolvedModel
+from model_loader.errors import IntegrityError
+from model_loader.protocol import ModelSource
+
+__all__ = ["Staging"]
+
+logger = logging.getLogger("model_loader.cache")
+
+JOURNAL = "journal.jsonl"
+
+
+def _parse_line(line: str) -> FileEntry | None:
+    try:
+        data = json.loads(line)
+        if not isinstance(data, dict):
+            return None
+        path, size, sha = data.get("path"), data.get("size"), data.get("sha256")
+        verified = data.get("verified")
+        if not isinstance(path, str) or not isinstance(size, int) or size < 0 or not isinstance(sha, str):
+            return None
+        if verified is not None and not isinstance(verified, str):
+            return None
+        return FileEntry(safe_relpath(path), size, sha, None, verified)
+    except (ValueError, IntegrityError):
+        return None  # a line cut by a kill, or garbage: that file is fetched again
+
+
+class Staging:
+    """One staging directory of a cache entry, owned by this process while it fills it.
+
+    Args:
+        root: The staging directory (created with ``files/`` inside if missing).
+        progress: Called with the bytes each attempt reports (progress bars).
+    """
+
+    def __init__(self, root: Path, progress: Any = None) -> None:
+        self.root = root
+        self.files_dir = root / "files"
+        self._journal_path = root / JOURNAL
+        self._lock = threading.Lock()
+        self._done: dict[str, FileEntry] = {}
+        self._progress = progress
+        self.attempts = 0
+        self.progressed = False  # the last attempt completed at least one file
+        with cache_errors(f"creating staging directory {root}"):
+            self.files_dir.mkdir(parents=True, exist_ok=True)
+
+    @property
+    def completed(self) -> dict[str, FileEntry]:
+        with self._lock:
+            return dict(self._done)
+
+    # -- resuming ---------------------------------------------------------------------
+
+    def adopt(self) -> int:
+        """Take over what an earlier process left here: keep journalled files that still
+        check out, remove everything else. Returns the number of files kept."""
+        try:
+            lines = self._journal_path.read_text("utf-8", errors="replace").splitlines()
+        except FileNotFoundError:
+            lines = []
+        except OSError as exc:
+            logger.warning("cannot read the journal of %s (%s); starting this staging afresh", self.root, exc)
+            lines = []
+        kept: dict[str, FileEntry] = {}
+        for line in lines:
+            entry = _parse_line(line)
+            if entry is None:
+                continue
+            path = self.files_dir / entry.path
+            try:
+                if path.is_symlink() or not path.is_file() or path.stat().st_size != entry.size:
+                    continue
+                if hash_file(path) != entry.sha256:
+                    continue
+            except OSError:
+                continue
+            kept[entry.path] = entry
+        with self._lock:
+            self._done = kept
+        self._rewrite_journal()
+        self.discard_partial()
+        if kept:
+            logger.info("resuming %s: %d files already fetched and verified", self.root.name, len(kept))
+        return len(kept)
+
+    def _rewrite_journal(self) -> None:
+        lines = "".join(json.dumps(_entry_json(e)) + "\n" for e in self.completed.values())
+        tmp = self.root / f".{JOURNAL}.tmp"
+        with cache_errors(f"writing the journal of {self.root}"):
+            tmp.write_text(lines)
+            os.replace(tmp, self._journal_path)
+
+    def discard_partial(self) -> None:
+        """Remove every file and directory under ``files/`` that is not journalled."""
+        done = self.completed
+        keep_dirs = {""}
+        for rel in done:
+            parts = rel.split("/")
+            keep_dirs.update("/".join(parts[:i]) for i in range(1, len(parts)))
+        with cache_errors(f"cleaning staging directory {self.root}"):
+            for dirpath, dirnames, names in os.walk(self.files_dir, topdown=False):
+                rel_dir = os.path.relpath(dirpath, self.files_dir)
+                rel_dir = "" if rel_dir == "." else rel_dir.replace(os.sep, "/")
+                for name in names:
+                    rel = f"{rel_dir}/{name}" if rel_dir else name
+                    if rel not in done:
+                        os.unlink(os.path.join(dirpath, name))
+                for name in dirnames:
+                    rel = f"{rel_dir}/{name}" if rel_dir else name
+                    full = os.path.join(dirpath, name)
+                    if os.path.islink(full):
+                        os.unlink(full)
+                    elif rel not in keep_dirs:
+                        shutil.rmtree(full)
+
+    def wipe(self) -> None:
+        """Start from an empty ``files/`` (for sources that cannot resume)."""
+        with self._lock:
+            self._done = {}
+        with cache_errors(f"cleaning staging directory {self.root}"):
+            shutil.rmtree(self.files_dir, ignore_errors=True)
+            self.files_dir.mkdir(parents=True, exist_ok=True)
+            with contextlib.suppress(FileNotFoundError):
+                self._journal_path.unlink()
+
+    # -- one attempt ------------------------------------------------------------------
+
+    def _file_done(self, entry: FileEntry) -> None:
+        line = json.dumps(_entry_json(entry)) + "\n"
+        with self._lock:
+            self._done[entry.path] = entry
+            # O_APPEND writes of one short line are atomic; no fsync: adopt() re-hashes
+            with open(self._journal_path, "a", encoding="utf-8") as f:
+                f.write(line)
+
+    def attempt(self, source: ModelSource, resolved: ResolvedModel) -> Manifest:
+        """Run one ``source.fetch`` into ``files/``, resuming after the files completed so far.
+
+        Returns the manifest of every file (earlier attempts' and this one's).
+        """
+        self.attempts += 1
+        resumable = type(source).capabilities.resumable
+        if resumable:
+            self.discard_partial()
+        else:
+            self.wipe()
+        before = self.completed
+        todo = resolved
+        if resumable and resolved.files is not None and before:
+            todo = dataclasses.replace(resolved, files=tuple(f for f in resolved.files if f.path not in before))
+        if todo.files is not None and not todo.files and before:
+            self.progressed = False
+            return Manifest.of(before.values())  # an adopted staging that was already complete
+        ctx = FetchContext(
+            completed=MappingProxyType(before if resumable else {}),
+            file_done=self._file_done,
+            progress=self._progress or FetchContext().progress,
+        )
+        try:
+            with ctx.applied():
+                manifest = source.fetch(todo, self.files_dir)
+        finally:
+            self.progressed = resumable and len(self.completed) > len(before)
+        merged = dict(before) if resumable else {}
+        merged.update((e.path, e) for e in manifest.files)
+        return Manifest.of(merged.values())
+
+
+def _entry_json(entry: FileEntry) -> dict[str, Any]:
+    return {"path": entry.path, "size": entry.size, "sha256": entry.sha256, "verified": entry.verified}
