@@ -198,6 +198,8 @@ class DiskCache:
         self._touched: dict[str, float] = {}
         self._leases: dict[str, int] = {}
         self._mutex = threading.Lock()
+        if not self.read_only:
+            self._clean_staging(published_only=True)
 
     @staticmethod
     def _is_unwritable(exc: BaseException) -> bool:
@@ -452,6 +454,7 @@ class DiskCache:
         lock = FileLock(str(self._locks / f"{key}.lock"))
         last_sign: tuple[int, int] | None = None
         quiet_since = time.monotonic()
+        give_up_at = quiet_since + deadline.remaining() / 2  # keep half the time to fetch ourselves
         locked = False
         while True:
             try:
@@ -469,13 +472,13 @@ class DiskCache:
             now = time.monotonic()
             if sign != last_sign:
                 last_sign, quiet_since = sign, now
-            if now - quiet_since >= self.lock_timeout or deadline.remaining() <= 0.1:
+            if now - quiet_since >= self.lock_timeout or now >= give_up_at:
                 logger.warning(
                     "another process holds the lock on cache entry %s and %s; fetching on our own",
                     key,
                     "made no progress for %.0fs" % (now - quiet_since)
                     if now - quiet_since >= self.lock_timeout
-                    else "the deadline is near",
+                    else "half the deadline has passed",
                 )
                 break
         try:
@@ -673,26 +676,35 @@ class DiskCache:
             lock.release()
 
     def _clean_abandoned(self) -> None:
-        """Remove quarantined entries, staging of published entries and staging abandoned
-        for a day (a younger one may still be resumed)."""
-        from filelock import FileLock, Timeout
-
+        """Remove quarantined entries and staging that will not be resumed."""
         for q in self._quarantine.iterdir():
             shutil.rmtree(q, ignore_errors=True)
+        self._clean_staging(published_only=False)
+
+    def _clean_staging(self, *, published_only: bool) -> None:
+        """Remove staging of entries already published, and (unless ``published_only``)
+        staging abandoned for a day; a younger one may still be resumed. Cheap when
+        ``.staging`` is empty, as it is between fetches."""
+        from filelock import FileLock, Timeout
+
+        try:
+            stages = os.listdir(self._staging)
+        except OSError:
+            return
         now = time.time()
-        for stale in self._staging.iterdir():
-            key = stale.name.split(".", 1)[0]
-            published = (self._entries / key / "manifest.json").exists()
-            try:
-                old = now - stale.stat().st_mtime > _STALE_STAGING
-            except OSError:
-                continue
-            if not (published or old):
-                continue
+        for name in stages:
+            stale = self._staging / name
+            key = name.split(".", 1)[0]
+            if not (self._entries / key / "manifest.json").exists():
+                try:
+                    if published_only or now - stale.stat().st_mtime <= _STALE_STAGING:
+                        continue
+                except OSError:
+                    continue
             lock = FileLock(str(self._locks / f"{key}.lock"), timeout=0)
             try:
                 lock.acquire()
-            except Timeout:
+            except (Timeout, OSError):
                 continue  # a fetch of that entry is running
             try:
                 logger.info("removing abandoned staging directory %s", stale)
