@@ -9,7 +9,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import textwrap
 import threading
 import time
 from pathlib import Path
@@ -130,9 +129,11 @@ def test_damage_with_the_source_down_is_a_typed_error_naming_it(tmp_path: Path, 
     store, ref, cache, entry = first_load(tmp_path)
     _damage(kind, entry, tmp_path)
     store.set_available(False)
-    with ResilientLoader([(store, ref)], config=config(cache, cache={"verify": verify}), sleep=no_sleep) as loader:
-        with pytest.raises(AllSourcesFailedError, match="damaged") as info:
-            loader.fetch()
+    with (
+        ResilientLoader([(store, ref)], config=config(cache, cache={"verify": verify}), sleep=no_sleep) as loader,
+        pytest.raises(AllSourcesFailedError, match="damaged") as info,
+    ):
+        loader.fetch()
     assert isinstance(info.value.failures[0][1], SourceUnavailableError)
 
 
@@ -140,9 +141,11 @@ def test_damage_with_the_source_down_is_a_typed_error_naming_it(tmp_path: Path, 
 def test_damage_offline_is_a_typed_error_naming_it(tmp_path: Path, kind: str, verify: str) -> None:
     store, ref, cache, entry = first_load(tmp_path)
     _damage(kind, entry, tmp_path)
-    with ResilientLoader([(store, ref)], config=config(cache, offline=True, cache={"verify": verify})) as loader:
-        with pytest.raises(AllSourcesFailedError, match="offline.*damaged"):
-            loader.fetch()
+    with (
+        ResilientLoader([(store, ref)], config=config(cache, offline=True, cache={"verify": verify})) as loader,
+        pytest.raises(AllSourcesFailedError, match=r"offline.*damaged"),
+    ):
+        loader.fetch()
 
 
 @pytest.mark.parametrize("content", ["[]", '"x"', '{"key": 5}', "{}", "\xff", '{"identity": "mem://default"}'])
@@ -151,9 +154,11 @@ def test_a_ref_of_any_shape_is_ignored_and_replaced(tmp_path: Path, content: str
     (ref_file,) = (cache / "refs").iterdir()
     ref_file.write_text(content)
     store.set_available(False)
-    with ResilientLoader([(store, ref)], config=config(cache), sleep=no_sleep) as loader:
-        with pytest.raises(AllSourcesFailedError, match="no last-known-good version"):
-            loader.fetch()
+    with (
+        ResilientLoader([(store, ref)], config=config(cache), sleep=no_sleep) as loader,
+        pytest.raises(AllSourcesFailedError, match="no last-known-good version"),
+    ):
+        loader.fetch()
     store.set_available(True)
     with ResilientLoader([(store, ref)], config=config(cache)) as loader:
         assert loader.fetch().from_cache
@@ -344,7 +349,8 @@ def test_a_herd_whose_downloader_is_killed_pulls_about_one_copy(tmp_path: Path) 
 
     downloader = start("hang")
     try:
-        assert downloader.stdout is not None and downloader.stdout.readline().strip() == "half"
+        assert downloader.stdout is not None
+        assert downloader.stdout.readline().strip() == "half"
         herd = [start("run") for _ in range(7)]
         wait_for(lambda: len(list((cache / ".locks").iterdir())) >= 1, what="the herd to queue on the lock")
         os.kill(downloader.pid, signal.SIGKILL)
@@ -354,7 +360,8 @@ def test_a_herd_whose_downloader_is_killed_pulls_about_one_copy(tmp_path: Path) 
             if p.poll() is None:
                 p.kill()
     assert all(p.returncode == 0 for p in herd)
-    assert len({o["path"] for o in outs}) == 1 and read_tree(Path(outs[0]["path"])) == files
+    assert len({o["path"] for o in outs}) == 1
+    assert read_tree(Path(outs[0]["path"])) == files
     pulled = sum(size for _, size in map(json.loads, origin.read_text().splitlines()))
     copies = pulled / sum(len(b) for b in files.values())
     assert copies < 1.3, f"the herd pulled {copies:.2f} copies"
@@ -373,7 +380,8 @@ def test_a_frozen_lock_holder_does_not_outlast_the_deadline(tmp_path: Path) -> N
         text=True,
     )
     try:
-        assert holder.stdout is not None and holder.stdout.readline().strip() == "half"
+        assert holder.stdout is not None
+        assert holder.stdout.readline().strip() == "half"
         os.kill(holder.pid, signal.SIGSTOP)  # frozen with the entry's lock held
         started = time.monotonic()
         with ResilientLoader([str(model)], config=config(cache, deadline=6)) as loader:
@@ -430,9 +438,11 @@ def test_all_sources_failed_says_what_failed_and_invents_nothing(tmp_path: Path)
     store = InMemorySource()
     ref = store.publish("m", FILES)
     store.set_available(False)
-    with ResilientLoader([(store, ref)], config=config(tmp_path / "cache"), sleep=no_sleep) as loader:
-        with pytest.raises(AllSourcesFailedError) as info:
-            loader.fetch()
+    with (
+        ResilientLoader([(store, ref)], config=config(tmp_path / "cache"), sleep=no_sleep) as loader,
+        pytest.raises(AllSourcesFailedError) as info,
+    ):
+        loader.fetch()
     assert [type(e).__name__ for _, e in info.value.failures] == ["SourceUnavailableError"]
     assert "no last-known-good version" in str(info.value)
     assert "ModelNotFoundError" not in str(info.value)
@@ -454,9 +464,11 @@ def test_require_verified_refuses_what_cannot_be_verified(tmp_path: Path) -> Non
     ref = loose.publish("m", FILES)
     with ResilientLoader([(loose, ref)], config=config(cache)) as loader:
         assert loader.fetch().verified is False
-    with ResilientLoader([(loose, ref)], config=config(cache, require_verified=True)) as loader:
-        with pytest.raises(AllSourcesFailedError) as info:
-            loader.fetch()
+    with (
+        ResilientLoader([(loose, ref)], config=config(cache, require_verified=True)) as loader,
+        pytest.raises(AllSourcesFailedError) as info,
+    ):
+        loader.fetch()
     assert isinstance(info.value.failures[0][1], IntegrityError)
     strict = InMemorySource("strict")
     ref = strict.publish("m", FILES)
