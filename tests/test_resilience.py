@@ -474,3 +474,36 @@ def test_require_verified_refuses_what_cannot_be_verified(tmp_path: Path) -> Non
     ref = strict.publish("m", FILES)
     with ResilientLoader([(strict, ref)], config=config(cache, require_verified=True)) as loader:
         assert loader.fetch().verified is True
+
+
+def test_concurrent_loads_deserialize_once_even_without_a_memory_cache(tmp_path: Path) -> None:
+    store = InMemorySource()
+    ref = store.publish("m", FILES)
+    calls: list[int] = []
+    gate = threading.Event()
+
+    def slow_load(path: Path) -> object:
+        calls.append(1)
+        gate.wait(10)
+        return object()
+
+    cfg = config(tmp_path / "cache", cache={"memory_items": 0})
+    with ResilientLoader([(store, ref)], config=cfg, loader_fn=slow_load) as loader:
+        loader.fetch()  # the files are cached; the loads below only deserialize
+        entered: list[int] = []
+        real = loader.memory.get_or_load
+
+        def counting(key: Any, factory: Any) -> Any:
+            entered.append(1)
+            return real(key, factory)
+
+        loader.memory.get_or_load = counting  # type: ignore[method-assign]
+        got: list[object] = []
+        threads = [threading.Thread(target=lambda: got.append(loader.load())) for _ in range(4)]
+        for t in threads:
+            t.start()
+        wait_for(lambda: len(entered) == 4, what="four loads to ask the memory cache")
+        gate.set()
+        for t in threads:
+            t.join()
+    assert (len(got), len({id(o) for o in got}), len(calls)) == (4, 1, 1)
