@@ -41,6 +41,7 @@ from pathlib import Path
 from typing import Any
 
 from model_loader._deadline import Deadline
+from model_loader._hosts import Heartbeat, is_alive, user_marker, write_owner
 from model_loader._io import cache_errors, check_free_space, fsync_dir, hash_file, safe_relpath, sync_tree, write_atomic
 from model_loader._memory import MemoryCache
 from model_loader._refs import RefRecord, RefStore
@@ -148,6 +149,13 @@ class DiskCache:
         lock_timeout: Seconds to wait for another process fetching the same entry while
             its staging shows no progress; then this process fetches on its own.
         min_free: Bytes that must remain free after a fetch.
+        shared: Several hosts use this directory (NFS, EFS, a FUSE mount), where ``flock``
+            may not reach from one host to another: processes also record their use of
+            entries as files with a heartbeat, so eviction spares entries in use anywhere.
+
+    Staging directories name their owner (host, pid) and carry a heartbeat: a process
+    resumes another's staging only once that owner is dead (its process gone, or its host
+    silent for ``STALE_AFTER`` seconds), whatever the locks say.
 
     A cache that cannot be written (a read-only volume pre-warmed by a job) is opened
     read-only: hits are served, nothing is written, a miss is a ``CacheError``.
@@ -164,8 +172,10 @@ class DiskCache:
         verify: str = "fast",
         lock_timeout: float = 30.0,
         min_free: int = 0,
+        shared: bool = False,
     ) -> None:
         self.root = Path(root)
+        self.shared = shared
         self.max_size = max_size
         self.verify_mode = verify
         self.lock_timeout = lock_timeout
@@ -333,7 +343,8 @@ class DiskCache:
     # -- leases and LRU clock -----------------------------------------------------------
 
     def _lease(self, key: str, root: Path) -> bool:
-        """Hold a shared lock on the entry while this process may serve it (no eviction).
+        """Hold a shared lock on the entry while this process may serve it (no eviction);
+        on a shared cache also a user marker other hosts see.
 
         False when an eviction holds it or has just moved it away.
         """
@@ -353,8 +364,26 @@ class DiskCache:
             if not same:  # evicted between our read and our lock
                 os.close(fd)
                 return False
+            if self.shared and not self.read_only:
+                marker = user_marker(root)
+                try:
+                    marker.parent.mkdir(exist_ok=True)
+                    marker.touch()
+                    Heartbeat.shared().add(marker)
+                except OSError as exc:
+                    logger.warning("cannot mark cache entry %s as in use (%s): eviction may not see it", key, exc)
+                if not os.path.exists(root / ".lease"):  # evicted while we marked it
+                    self._drop_marker(root)
+                    os.close(fd)
+                    return False
             self._leases[key] = fd
             return True
+
+    def _drop_marker(self, root: Path) -> None:
+        marker = user_marker(root)
+        Heartbeat.shared().remove(marker)
+        with contextlib.suppress(OSError):
+            marker.unlink()
 
     def release_lease(self, key: str) -> None:
         """Stop protecting ``key`` from eviction by other processes (it is no longer served)."""
@@ -362,11 +391,22 @@ class DiskCache:
             fd = self._leases.pop(key, None)
         if fd is not None:
             os.close(fd)
+            if self.shared and not self.read_only:
+                self._drop_marker(self._entries / key)
 
     def release_all(self) -> None:
         """Drop every lease this process holds."""
         for key in list(self._leases):
             self.release_lease(key)
+
+    def _in_use_elsewhere(self, root: Path) -> bool:
+        """A fresh user marker of another process (this host's, running; or another host's)."""
+        mine = user_marker(root).name
+        try:
+            markers = list((root / ".users").iterdir())
+        except OSError:
+            return False
+        return any(m.name != mine and is_alive(m) for m in markers)
 
     def _touch(self, key: str, root: Path) -> None:
         now = time.monotonic()
@@ -406,11 +446,12 @@ class DiskCache:
         if self.read_only:
             raise CacheError(f"the cache {self.root} is read-only and holds no copy of {resolved.version}")
         with self._lock(key, deadline) as locked:
-            if locked:
-                hit, _ = self.get(key, expect=resolved, locked=True)
-                if hit is not None:
-                    return CacheHit(hit, False, 0.0)  # another process fetched it while we waited
+            hit, _ = self.get(key, expect=resolved, locked=locked, deadline=deadline)
+            if hit is not None:
+                return CacheHit(hit, False, 0.0)  # another process fetched it while we waited
             staging = self._open_staging(key, adopt=locked, progress=progress)
+            heartbeat = Heartbeat.shared()
+            heartbeat.add(staging.owner)
             keep = False
             try:
                 if resolved.files is not None:
@@ -425,19 +466,30 @@ class DiskCache:
                 keep = bool(staging.completed)  # an outage: the next attempt or process resumes here
                 raise
             finally:
+                heartbeat.remove(staging.owner)
                 if not keep and staging.root.exists():
                     shutil.rmtree(staging.root, ignore_errors=True)
 
     def _open_staging(self, key: str, *, adopt: bool, progress: Callable[[int], None] | None) -> Staging:
-        if adopt:  # we hold the lock: whatever staging exists for the key is abandoned
-            candidates = sorted(self._staging.glob(f"{key}.*"), key=_journal_size, reverse=True)
-            for extra in candidates[1:]:
+        """A staging directory this process owns: a dead owner's, resumed (with the lock
+        held), or a new one. A live owner's staging is never touched."""
+        if adopt:
+            dead = [s for s in self._staging.glob(f"{key}.*") if s.is_dir() and not is_alive(s / "owner.json")]
+            dead.sort(key=_journal_size, reverse=True)
+            for extra in dead[1:]:
                 shutil.rmtree(extra, ignore_errors=True)
-            if candidates and candidates[0].is_dir():
-                staging = Staging(candidates[0], progress)
+            if dead:
+                with cache_errors(f"taking over staging directory {dead[0]}"):
+                    owner = write_owner(dead[0])
+                staging = Staging(dead[0], progress)
                 staging.adopt()
+                staging.owner = owner
                 return staging
-        return Staging(self._staging / f"{key}.{uuid.uuid4().hex}", progress)
+        root = self._staging / f"{key}.{uuid.uuid4().hex}"
+        staging = Staging(root, progress)
+        with cache_errors(f"creating staging directory {root}"):
+            staging.owner = write_owner(root)
+        return staging
 
     @contextlib.contextmanager
     def _lock(self, key: str, deadline: Deadline) -> Iterator[bool]:
@@ -493,6 +545,8 @@ class DiskCache:
         for stage in self._staging.glob(f"{key}.*"):
             for dirpath, _, names in os.walk(stage):
                 for name in names:
+                    if name == "owner.json":
+                        continue  # a heartbeat is not progress: a hung process still beats
                     with contextlib.suppress(OSError):
                         st = os.stat(os.path.join(dirpath, name))
                         total += st.st_blocks
@@ -525,8 +579,9 @@ class DiskCache:
         target = self._entries / key
         with cache_errors(f"publishing cache entry {key}"):
             sync_tree(files_dir)  # file data and directory entries, before the manifest exists
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(stage / "journal.jsonl")
+            for name in ("journal.jsonl", "owner.json"):
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(stage / name)
             (stage / ".lease").touch()
             (stage / ".used").touch()
             write_atomic(stage / "manifest.json", json.dumps(record, indent=1).encode())
@@ -663,9 +718,14 @@ class DiskCache:
                     fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
                 except BlockingIOError:
                     return False  # a process is serving it
+                if self.shared and self._in_use_elsewhere(entry.root):
+                    return False  # a process on another host is serving it
                 trash = self._quarantine / f".evict-{entry.key}.{uuid.uuid4().hex[:8]}"
                 with cache_errors(f"evicting cache entry {entry.key}"):
                     os.replace(entry.root, trash)
+                    if self.shared and self._in_use_elsewhere(trash):  # marked while we moved it
+                        os.replace(trash, entry.root)
+                        return False
             finally:
                 os.close(fd)
             shutil.rmtree(trash, ignore_errors=True)
@@ -695,6 +755,8 @@ class DiskCache:
         for name in stages:
             stale = self._staging / name
             key = name.split(".", 1)[0]
+            if is_alive(stale / "owner.json"):
+                continue  # a fetch is running there, maybe on another host
             if not (self._entries / key / "manifest.json").exists():
                 try:
                     if published_only or now - stale.stat().st_mtime <= _STALE_STAGING:

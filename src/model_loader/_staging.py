@@ -71,6 +71,7 @@ class Staging:
         self._progress = progress
         self.attempts = 0
         self.progressed = False  # the last attempt completed at least one file
+        self.owner = root / "owner.json"  # host, pid; its mtime is the owner's heartbeat
         with cache_errors(f"creating staging directory {root}"):
             self.files_dir.mkdir(parents=True, exist_ok=True)
 
