@@ -20,6 +20,8 @@ from helpers import Sleeps, fast_config, read_tree
 from model_loader import (
     AccessDeniedError,
     AllSourcesFailedError,
+    Deadline,
+    FetchContext,
     FetchResult,
     ModelNotFoundError,
     ResilientLoader,
@@ -223,6 +225,8 @@ def test_generic_mlflow_artifact_repository_path(tmp_path: Path) -> None:
         registry_uri="file:///unused",
         include=(),
         exclude=("*.txt",),
+        deadline=Deadline(60.0),
+        context=FetchContext(),
     )
     assert [(e.path, e.size) for e in manifest.files] == [("sub/b.bin", 2)]
     assert read_tree(dest) == {"sub/b.bin": b"bb"}

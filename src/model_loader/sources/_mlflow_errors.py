@@ -1,8 +1,10 @@
 """Translating everything the MLflow source's backends raise into :mod:`model_loader.errors`.
 
-The source wraps every call in :func:`map_errors` (its one ``_map_errors``): our HTTP
-client's status errors and socket errors, ``MlflowException`` and SQLAlchemy errors from
-the ``MlflowClient`` path (recognised by module and ``error_code``, so mlflow is never
+A leaf: the other ``_mlflow_*`` modules raise the small internal exceptions defined here
+(an HTTP status, a lookup that found nothing, a malformed answer, a refused location),
+and the source wraps every call in :func:`map_errors` (its one ``_map_errors``), which
+also translates socket errors, ``MlflowException`` and SQLAlchemy errors from the
+``MlflowClient`` path (recognised by module and ``error_code``, so mlflow is never
 imported here), and the S3 source's errors, re-tagged with the ``models`` scheme.
 """
 
@@ -10,12 +12,14 @@ from __future__ import annotations
 
 import contextlib
 import http.client
+import logging
 from collections.abc import Iterator
 from typing import NoReturn
 
 from model_loader._types import ModelRef
 from model_loader.errors import (
     AccessDeniedError,
+    InvalidResponseError,
     MissingDependencyError,
     ModelLoaderError,
     ModelNotFoundError,
@@ -23,11 +27,20 @@ from model_loader.errors import (
     SourceTimeoutError,
     SourceUnavailableError,
 )
-from model_loader.sources._mlflow_artifacts import ArtifactsMissing
-from model_loader.sources._mlflow_http import HttpStatusError
-from model_loader.sources._mlflow_registry import NotFound
 
-__all__ = ["backend_error_class", "http_error_class", "map_errors"]
+__all__ = [
+    "ArtifactsMissing",
+    "DatabaseUnavailable",
+    "HttpStatusError",
+    "LocalArtifactsRefused",
+    "MalformedResponse",
+    "NotFound",
+    "backend_error_class",
+    "http_error_class",
+    "map_errors",
+]
+
+logger = logging.getLogger("model_loader.sources.mlflow")
 
 SCHEME = "models"
 _BACKEND_MODULES = ("mlflow", "requests", "urllib3", "sqlalchemy", "botocore", "boto3", "google", "azure")
@@ -40,6 +53,43 @@ _UNAVAILABLE_CODES = {
 }
 _DENIED_CODES = {"PERMISSION_DENIED", "UNAUTHENTICATED", "CUSTOMER_UNAUTHORIZED", "UNAUTHORIZED"}
 _NOT_FOUND_CODES = {"RESOURCE_DOES_NOT_EXIST", "NOT_FOUND"}
+
+
+class HttpStatusError(Exception):
+    """The server answered with a status other than 200.
+
+    Attributes:
+        status: The HTTP status code.
+        error_code: MLflow's ``error_code`` from a JSON error body (``RESOURCE_DOES_NOT_EXIST``), or ``""``.
+        message: MLflow's ``message``, or the start of the body.
+    """
+
+    def __init__(self, status: int, error_code: str, message: str, what: str) -> None:
+        super().__init__(f"{what}: HTTP {status} {error_code} {message}".rstrip())
+        self.status = status
+        self.error_code = error_code
+        self.message = message
+
+
+class NotFound(LookupError):
+    """A lookup found nothing (no version in that stage); mapped to ModelNotFoundError."""
+
+
+class ArtifactsMissing(LookupError):
+    """The location holds no files (deleted artifacts) or none pass include/exclude."""
+
+
+class DatabaseUnavailable(ConnectionError):
+    """The registry's sqlite file is missing or unreadable; mapped to SourceUnavailableError."""
+
+
+class MalformedResponse(Exception):
+    """An answer that does not parse against its schema, or breaks a bound (size, count,
+    depth, a listing that contains itself); mapped to InvalidResponseError."""
+
+
+class LocalArtifactsRefused(PermissionError):
+    """A remote registry named a local path as a version's artifacts; mapped to AccessDeniedError."""
 
 
 @contextlib.contextmanager
@@ -67,6 +117,10 @@ def map_errors(identity: str, ref: ModelRef, what: str) -> Iterator[None]:
         fail(http_error_class(exc), str(exc), exc)
     except (NotFound, ArtifactsMissing) as exc:
         fail(ModelNotFoundError, str(exc), exc)
+    except MalformedResponse as exc:
+        fail(InvalidResponseError, f"malformed answer: {exc}", exc)
+    except LocalArtifactsRefused as exc:
+        fail(AccessDeniedError, str(exc), exc)
     except TimeoutError as exc:
         fail(SourceTimeoutError, f"timed out: {exc or type(exc).__name__}", exc)
     except (ConnectionError, http.client.HTTPException) as exc:
@@ -77,6 +131,12 @@ def map_errors(identity: str, ref: ModelRef, what: str) -> Iterator[None]:
         fail(ModelNotFoundError, f"artifacts missing: {exc}", exc)
     except OSError as exc:  # unreachable host or network, TLS failures, DNS
         fail(SourceUnavailableError, f"{type(exc).__name__}: {exc}", exc)
+    except (LookupError, ValueError, TypeError, RecursionError) as exc:
+        # Every REST answer is parsed against a schema first, so these mean a shape nothing
+        # checked (an MlflowClient entity, an odd location) or a bug: typed and degradable
+        # rather than bare, and logged with its traceback so a bug still shows.
+        logger.warning("unexpected %s in %s %s (%s)", type(exc).__name__, what, ref.uri, identity, exc_info=True)
+        fail(InvalidResponseError, f"unexpected answer or a bug ({type(exc).__name__}: {exc})", exc)
     except Exception as exc:
         if not type(exc).__module__.startswith(_BACKEND_MODULES):
             raise  # a bug of ours: let it show
@@ -93,7 +153,7 @@ def http_error_class(exc: HttpStatusError) -> type[SourceError]:
         return SourceTimeoutError
     if status in (408, 429) or status >= 500 or code in _UNAVAILABLE_CODES:
         return SourceUnavailableError
-    return SourceError  # 3xx (not followed), other 4xx, a non-JSON answer: permanent
+    return SourceError  # 3xx (not followed), other 4xx: permanent
 
 
 def backend_error_class(exc: Exception) -> type[SourceError]:

@@ -2,36 +2,60 @@
 
 Why not ``requests``: importing it costs ~75 ms and mlflow's session adds retries we must
 not have; ``urllib3`` is not a dependency of the core package. This client keeps a few
-idle keep-alive connections per host, applies a connect timeout and a separate read
-timeout, and never retries on its own: the only exception is a pooled connection the
-server closed while it sat idle (the request is re-sent once on a fresh connection, as
-urllib3 does), because that is not a failure of the server.
+idle keep-alive connections per host and never retries on its own: the only exception is
+a pooled connection the server closed while it sat idle (the request is re-sent once on a
+fresh connection, as urllib3 does), because that is not a failure of the server.
 
-Errors leave as ``OSError`` (refused, reset, timeouts), ``http.client.HTTPException`` or
-:class:`HttpStatusError`; the MLflow source's ``_map_errors`` translates them.
+Time is one budget (a :class:`~model_loader._deadline.Deadline`, passed to every call):
+the connect (TLS handshake included) takes at most ``min(connect_timeout, left)``; every
+read from the socket, headers included, waits at most ``min(read_timeout, left)`` and is
+re-armed before each ``recv``, so a server trickling one byte a second is cut when the
+budget runs out, not only when it goes quiet. A JSON answer must also arrive whole within
+``read_timeout`` and is read up to :data:`MAX_JSON_BYTES`.
+
+Errors leave as ``OSError`` (refused, reset; ``TimeoutError`` for timeouts and the
+budget), ``http.client.HTTPException``, :class:`HttpStatusError` or
+:class:`MalformedResponse`; the MLflow source's ``_map_errors`` translates them.
 """
 
 from __future__ import annotations
 
 import contextlib
 import http.client
+import io
 import json
 import os
 import socket
 import threading
+import time
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 from urllib.parse import quote, urlencode, urlsplit
+
+from model_loader._deadline import Deadline
+from model_loader.sources._mlflow_errors import HttpStatusError, MalformedResponse
 
 if TYPE_CHECKING:
     import ssl
 
-__all__ = ["Endpoint", "HttpStatusError", "RestTransport", "TlsSettings"]
+__all__ = [
+    "MAX_JSON_BYTES",
+    "Endpoint",
+    "HttpStatusError",
+    "RestTransport",
+    "TlsSettings",
+    "check_deadline",
+    "redact_url",
+]
+
+MAX_JSON_BYTES = 16 * 1024 * 1024
+"""The largest JSON answer read (a listing of 100,000 files is about 8 MiB)."""
 
 _STALE = (http.client.RemoteDisconnected, ConnectionResetError, BrokenPipeError, ConnectionAbortedError)
 _ERROR_BODY_LIMIT = 64 * 1024
 _TCP_QUICKACK: int | None = getattr(socket, "TCP_QUICKACK", None)
+_READ_BUFFER = 64 * 1024
 
 
 @dataclass(frozen=True, slots=True)
@@ -76,22 +100,6 @@ def redact_url(url: str) -> str:
     return f"{parts.scheme}://{netloc}{parts.path}".rstrip("/") if parts.scheme else url
 
 
-class HttpStatusError(Exception):
-    """The server answered with a status other than 200.
-
-    Attributes:
-        status: The HTTP status code.
-        error_code: MLflow's ``error_code`` from a JSON error body (``RESOURCE_DOES_NOT_EXIST``), or ``""``.
-        message: MLflow's ``message``, or the start of the body.
-    """
-
-    def __init__(self, status: int, error_code: str, message: str, what: str) -> None:
-        super().__init__(f"{what}: HTTP {status} {error_code} {message}".rstrip())
-        self.status = status
-        self.error_code = error_code
-        self.message = message
-
-
 @dataclass(frozen=True, slots=True)
 class TlsSettings:
     """TLS options, as MLflow's ``MLFLOW_TRACKING_INSECURE_TLS`` / ``..._SERVER_CERT_PATH`` /
@@ -116,20 +124,165 @@ class TlsSettings:
         return ctx
 
 
+def check_deadline(budget: Deadline, what: str) -> None:
+    """Raise ``TimeoutError`` if ``budget`` has run out before ``what``."""
+    if budget.expired():
+        raise TimeoutError(f"{budget.what} expired before {what}")
+
+
+def _left(budget: Deadline, cap: float) -> float:
+    """Seconds one blocking socket call may take: ``cap`` or what is left of ``budget``."""
+    left = budget.expires - time.monotonic()
+    if left <= 0:
+        raise TimeoutError(f"{budget.what} expired")
+    return min(cap, left)
+
+
+@contextlib.contextmanager
+def _timeout_names(budget: Deadline, cap: float, timeout: float, what: str) -> Iterator[None]:
+    """Say which limit a socket timeout was: the budget, or ``cap`` (connect or read timeout)."""
+    try:
+        yield
+    except TimeoutError:
+        if timeout < cap:
+            raise TimeoutError(f"{budget.what} expired") from None
+        raise TimeoutError(f"{what} took longer than {cap:g}s") from None
+
+
+class _BudgetReader(io.RawIOBase):
+    """The socket as a raw stream whose every ``recv`` is capped by the connection's budget."""
+
+    def __init__(self, conn: _Connection, owner: _BudgetSocket, sock: socket.socket) -> None:
+        super().__init__()
+        self._conn = conn
+        self._owner = owner
+        self._sock = sock
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        budget, cap = self._conn.budget, self._conn.read_timeout
+        timeout = _left(budget, cap)
+        self._sock.settimeout(timeout)
+        with _timeout_names(budget, cap, timeout, "waiting for the answer"):
+            return self._sock.recv_into(buffer)
+
+    def close(self) -> None:
+        if not self.closed:
+            self._owner.release()
+        super().close()
+
+
+class _BudgetSocket:
+    """What ``http.client`` sees as ``conn.sock``: sends and reads capped by the budget.
+
+    Like a socket, it stays open while a reader made by :meth:`makefile` is (``http.client``
+    closes the connection of a close-delimited answer before its body is read).
+    """
+
+    def __init__(self, conn: _Connection, sock: socket.socket) -> None:
+        self._conn = conn
+        self._sock = sock
+        self._readers = 0
+        self._closing = False
+        self._lock = threading.Lock()
+
+    def makefile(self, mode: str = "rb", *args: Any, **kwargs: Any) -> io.BufferedReader:
+        with self._lock:
+            self._readers += 1
+        return io.BufferedReader(_BudgetReader(self._conn, self, self._sock), _READ_BUFFER)
+
+    def release(self) -> None:
+        with self._lock:
+            self._readers -= 1
+            last = self._closing and self._readers <= 0
+        if last:
+            self._sock.close()
+
+    def sendall(self, data: Any) -> None:
+        budget, cap = self._conn.budget, self._conn.read_timeout
+        timeout = _left(budget, cap)
+        self._sock.settimeout(timeout)
+        with _timeout_names(budget, cap, timeout, "sending the request"):
+            self._sock.sendall(data)
+
+    def close(self) -> None:
+        with self._lock:
+            self._closing = True
+            now = self._readers <= 0
+        if now:
+            self._sock.close()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._sock, name)
+
+
+class _Connection(http.client.HTTPConnection):
+    """An HTTP(S) connection that opens and reads within :attr:`budget`, set per request."""
+
+    def __init__(
+        self, ep: Endpoint, *, connect_timeout: float, read_timeout: float, context: ssl.SSLContext | None
+    ) -> None:
+        super().__init__(ep.host, ep.port, timeout=connect_timeout)
+        if context is not None:
+            self.default_port = 443  # so the Host header has no ":443" (presigned URLs sign it)
+        self.budget = Deadline(None)
+        self.read_timeout = read_timeout
+        self._connect_timeout = connect_timeout
+        self._context = context
+
+    def connect(self) -> None:
+        timeout = _left(self.budget, self._connect_timeout)
+        with _timeout_names(self.budget, self._connect_timeout, timeout, "connecting"):
+            sock = socket.create_connection((self.host, self.port), timeout)
+        try:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            if self._context is not None:
+                sock = self._handshake(sock, self._context)
+        except BaseException:
+            sock.close()
+            raise
+        self.sock = cast(socket.socket, _BudgetSocket(self, sock))
+
+    def _handshake(self, raw: socket.socket, context: ssl.SSLContext) -> socket.socket:
+        """TLS on ``raw``, cut as a whole at ``min(connect_timeout, budget)`` (a trickling
+        handshake would re-arm a per-read timeout forever)."""
+        budget = self.budget.narrow(self._connect_timeout, what="the connect timeout")
+        raw.settimeout(_left(budget, self._connect_timeout))
+        watchdog = threading.Timer(budget.remaining(), _shutdown, (raw,))
+        watchdog.daemon = True
+        watchdog.start()
+        try:
+            return context.wrap_socket(raw, server_hostname=self.host)
+        except OSError:
+            if budget.expired():
+                raise TimeoutError(f"{budget.what} expired during the TLS handshake") from None
+            raise
+        finally:
+            watchdog.cancel()
+
+
+def _shutdown(sock: socket.socket) -> None:
+    with contextlib.suppress(OSError):
+        sock.shutdown(socket.SHUT_RDWR)
+
+
 @dataclass(slots=True)
 class _Pool:
-    idle: list[http.client.HTTPConnection] = field(default_factory=list)
+    idle: list[_Connection] = field(default_factory=list)
     lock: threading.Lock = field(default_factory=threading.Lock)
 
 
 class RestTransport:
-    """GET/POST JSON and streamed downloads with connect/read timeouts and keep-alive.
+    """GET/POST JSON and streamed downloads within a time budget, with keep-alive.
 
     Args:
         authorization: The ``Authorization`` header value, sent only to ``auth_origins``.
         auth_origins: ``(scheme, host, port)`` of the tracking and registry servers.
         connect_timeout: Seconds to open a connection (TLS handshake included).
-        read_timeout: Seconds to wait for bytes once connected.
+        read_timeout: Seconds to wait for bytes once connected; also the longest a whole
+            JSON answer may take.
         max_idle: Idle connections kept per host.
         tls: TLS settings for https endpoints.
     """
@@ -174,17 +327,12 @@ class RestTransport:
             assert context is not None
             return context
 
-    def _connect(self, ep: Endpoint) -> http.client.HTTPConnection:
-        conn: http.client.HTTPConnection
-        if ep.scheme == "https":
-            context = self._context(ep)
-            conn = http.client.HTTPSConnection(ep.host, ep.port, timeout=self._connect_timeout, context=context)
-        else:
-            conn = http.client.HTTPConnection(ep.host, ep.port, timeout=self._connect_timeout)
+    def _connect(self, ep: Endpoint, budget: Deadline) -> _Connection:
+        context = self._context(ep) if ep.scheme == "https" else None
+        conn = _Connection(ep, connect_timeout=self._connect_timeout, read_timeout=self._read_timeout, context=context)
+        conn.budget = budget
         try:
             conn.connect()
-            assert conn.sock is not None
-            conn.sock.settimeout(self._read_timeout)
         except BaseException:
             conn.close()
             raise
@@ -196,21 +344,23 @@ class RestTransport:
                 raise ConnectionAbortedError("the MLflow source is closed")
             return self._pools.setdefault(ep.origin, _Pool())
 
-    def _acquire(self, ep: Endpoint) -> tuple[http.client.HTTPConnection, bool]:
+    def _acquire(self, ep: Endpoint, budget: Deadline) -> tuple[_Connection, bool]:
         pool = self._pool(ep)
         with pool.lock:
             if pool.idle:
-                return pool.idle.pop(), True
-        return self._connect(ep), False
+                conn = pool.idle.pop()
+                conn.budget = budget
+                return conn, True
+        return self._connect(ep, budget), False
 
-    def _release(self, ep: Endpoint, conn: http.client.HTTPConnection, resp: http.client.HTTPResponse) -> None:
+    def _release(self, ep: Endpoint, conn: _Connection, resp: http.client.HTTPResponse) -> None:
         if resp.isclosed() and not resp.will_close and not self._closed:
             pool = self._pool(ep)
             with pool.lock:
                 if len(pool.idle) < self._max_idle:
                     pool.idle.append(conn)
                     return
-        conn.close()
+        _discard(conn, resp)
 
     def _headers(self, ep: Endpoint, extra: Mapping[str, str]) -> dict[str, str]:
         headers = {"User-Agent": "model-loader", "Accept-Encoding": "identity", **extra}
@@ -219,9 +369,15 @@ class RestTransport:
         return headers
 
     def _send(
-        self, ep: Endpoint, method: str, target: str, body: bytes | None, headers: Mapping[str, str]
-    ) -> tuple[http.client.HTTPConnection, http.client.HTTPResponse]:
-        conn, reused = self._acquire(ep)
+        self,
+        ep: Endpoint,
+        method: str,
+        target: str,
+        body: bytes | None,
+        headers: Mapping[str, str],
+        budget: Deadline,
+    ) -> tuple[_Connection, http.client.HTTPResponse]:
+        conn, reused = self._acquire(ep, budget)
         while True:
             try:
                 conn.request(method, ep.prefix + target, body=body, headers=self._headers(ep, headers))
@@ -231,53 +387,65 @@ class RestTransport:
                 conn.close()
                 if not reused:
                     raise
-                conn, reused = self._connect(ep), False  # the server closed an idle keep-alive connection
+                conn, reused = self._connect(ep, budget), False  # the server closed an idle keep-alive connection
             except BaseException:
                 conn.close()
                 raise
 
     # -- requests -----------------------------------------------------------------------
 
-    def get_json(self, ep: Endpoint, path: str, params: Mapping[str, str | list[str]] | None = None) -> dict[str, Any]:
-        """GET ``path?params`` and decode the JSON answer."""
+    def get_json(
+        self, ep: Endpoint, path: str, params: Mapping[str, str | list[str]] | None = None, *, deadline: Deadline
+    ) -> bytes:
+        """GET ``path?params``: the raw JSON body of a 200 answer (parse it with a schema)."""
         target = path + ("?" + urlencode(params, doseq=True, quote_via=quote) if params else "")
-        return self._json(ep, "GET", target, None, path)
+        return self._json(ep, "GET", target, None, path, deadline)
 
-    def post_json(self, ep: Endpoint, path: str, payload: Mapping[str, Any]) -> dict[str, Any]:
-        """POST a JSON body to ``path`` and decode the JSON answer."""
-        return self._json(ep, "POST", path, json.dumps(payload).encode(), path)
+    def post_json(self, ep: Endpoint, path: str, payload: Mapping[str, Any], *, deadline: Deadline) -> bytes:
+        """POST a JSON body to ``path``: the raw JSON body of a 200 answer."""
+        return self._json(ep, "POST", path, json.dumps(payload).encode(), path, deadline)
 
-    def _json(self, ep: Endpoint, method: str, target: str, body: bytes | None, what: str) -> dict[str, Any]:
+    def _json(self, ep: Endpoint, method: str, target: str, body: bytes | None, what: str, deadline: Deadline) -> bytes:
         headers = {"Accept": "application/json"}
         if body is not None:
             headers["Content-Type"] = "application/json"
-        conn, resp = self._send(ep, method, target, body, headers)
+        budget = deadline.narrow(self._read_timeout, what="the read timeout for one answer")
+        conn, resp = self._send(ep, method, target, body, headers, budget)
         try:
-            data = resp.read()
+            if resp.status != 200:
+                error = _status_error(resp.status, resp.read(_ERROR_BODY_LIMIT), what)
+                self._release(ep, conn, resp)
+                raise error
+            declared = resp.length
+            if declared is not None and declared > MAX_JSON_BYTES:
+                raise MalformedResponse(f"{what}: a {declared}-byte answer (at most {MAX_JSON_BYTES} are read)")
+            data = resp.read(MAX_JSON_BYTES + 1)
+            if len(data) > MAX_JSON_BYTES:
+                raise MalformedResponse(f"{what}: an answer longer than {MAX_JSON_BYTES} bytes")
+        except HttpStatusError:
+            raise
         except BaseException:
-            conn.close()
+            _discard(conn, resp)
             raise
         self._release(ep, conn, resp)
-        if resp.status != 200:
-            raise _status_error(resp.status, data, what)
-        try:
-            decoded = json.loads(data or b"{}")
-        except ValueError:
-            raise HttpStatusError(200, "BAD_RESPONSE", "the answer is not JSON", what) from None
-        if not isinstance(decoded, dict):
-            raise HttpStatusError(200, "BAD_RESPONSE", "the answer is not a JSON object", what)
-        return decoded
+        return data
 
     @contextlib.contextmanager
     def stream(
-        self, ep: Endpoint, path: str, *, headers: Mapping[str, str] | None = None, what: str | None = None
+        self,
+        ep: Endpoint,
+        path: str,
+        *,
+        deadline: Deadline,
+        headers: Mapping[str, str] | None = None,
+        what: str | None = None,
     ) -> Iterator[http.client.HTTPResponse]:
-        """GET ``path`` and yield the open response (status 200) to read from.
+        """GET ``path`` and yield the open response (status 200) to read from, within ``deadline``.
 
         ``what`` names the request in errors instead of ``path`` (a presigned URL's query
         is a credential).
         """
-        conn, resp = self._send(ep, "GET", path, None, headers or {})
+        conn, resp = self._send(ep, "GET", path, None, headers or {}, deadline)
         done = False
         try:
             if resp.status != 200:
@@ -288,7 +456,7 @@ class RestTransport:
             if done:
                 self._release(ep, conn, resp)
             else:
-                conn.close()
+                _discard(conn, resp)
 
     def close(self) -> None:
         """Close every idle connection; later requests fail. Idempotent."""
@@ -300,6 +468,12 @@ class RestTransport:
                 idle, pool.idle = pool.idle, []
             for conn in idle:
                 conn.close()
+
+
+def _discard(conn: http.client.HTTPConnection, resp: http.client.HTTPResponse) -> None:
+    """Close an answer not read to its end, and its connection (the socket closes with both)."""
+    resp.close()
+    conn.close()
 
 
 def _quickack(conn: http.client.HTTPConnection) -> None:
@@ -319,9 +493,10 @@ def _status_error(status: int, body: bytes, what: str) -> HttpStatusError:
     code, message = "", ""
     try:
         decoded = json.loads(body)
-        if isinstance(decoded, dict):
-            code = str(decoded.get("error_code", ""))
-            message = str(decoded.get("message", ""))
-    except ValueError:
+    except (ValueError, RecursionError):
+        decoded = None
         message = body[:200].decode("utf-8", "replace").strip()
+    if isinstance(decoded, dict):
+        code = str(decoded.get("error_code", ""))[:200]
+        message = str(decoded.get("message", ""))[:1000]
     return HttpStatusError(status, code, message, what)

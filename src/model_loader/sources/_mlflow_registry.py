@@ -1,10 +1,12 @@
 """Two ways to ask an MLflow registry the same questions.
 
 :class:`RestRegistry` calls MLflow's documented REST API over :mod:`._mlflow_http` (no
-mlflow import: the fast path for ``http(s)://`` tracking servers). :class:`ClientRegistry`
-uses ``mlflow.MlflowClient`` for everything else (``sqlite:///``, ``file:``,
-``databricks``, plug-in auth). Both return the same small records, and both let their
-backend's exceptions out: the source's ``_map_errors`` translates them.
+mlflow import: the fast path for ``http(s)://`` tracking servers); every answer is parsed
+against its schema (:mod:`._mlflow_schema`) and every call is capped by the deadline it is
+given. :class:`ClientRegistry` uses ``mlflow.MlflowClient`` for everything else
+(``sqlite:///``, ``file:``, ``databricks``, plug-in auth); MLflow's calls cannot be cut,
+so the deadline is only checked between them. Both return the same small records, and
+both let their backend's exceptions out: the source's ``_map_errors`` translates them.
 """
 
 from __future__ import annotations
@@ -12,10 +14,15 @@ from __future__ import annotations
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 from urllib.parse import quote
 
-from model_loader.sources._mlflow_http import Endpoint, RestTransport
+from model_loader._deadline import Deadline
+from model_loader.sources._mlflow_errors import DatabaseUnavailable, MalformedResponse, NotFound
+from model_loader.sources._mlflow_http import Endpoint, RestTransport, check_deadline
+
+if TYPE_CHECKING:
+    from model_loader.sources._mlflow_schema import ModelVersion
 
 __all__ = [
     "ClientRegistry",
@@ -30,6 +37,7 @@ __all__ = [
 
 _API = "/api/2.0/mlflow"
 _PAGE = 100
+_MAX_PAGES = 1000  # 100,000 versions of one model: a server paging beyond is looping
 
 
 @dataclass(frozen=True, slots=True)
@@ -44,14 +52,14 @@ class VersionInfo:
     stage: str | None
 
     @classmethod
-    def from_json(cls, d: dict[str, Any]) -> VersionInfo:
+    def from_schema(cls, mv: ModelVersion) -> VersionInfo:
         return cls(
-            name=str(d["name"]),
-            version=int(d["version"]),
-            status=str(d.get("status") or "READY"),
-            source=str(d.get("source") or ""),
-            run_id=str(d["run_id"]) if d.get("run_id") else None,
-            stage=str(d["current_stage"]) if d.get("current_stage") else None,
+            name=mv.name,
+            version=mv.version,
+            status=mv.status or "READY",
+            source=mv.source or "",
+            run_id=mv.run_id or None,
+            stage=mv.current_stage or None,
         )
 
     @classmethod
@@ -76,36 +84,35 @@ class LoggedModelInfo:
     status: str
 
 
-class NotFound(LookupError):
-    """A lookup found nothing (no version in that stage); mapped to ModelNotFoundError."""
-
-
-class DatabaseUnavailable(ConnectionError):
-    """The registry's sqlite file is missing or unreadable; mapped to SourceUnavailableError."""
-
-
 class Registry(Protocol):
-    """What the MLflow source asks a registry."""
+    """What the MLflow source asks a registry; every call within ``deadline``."""
 
-    def version_by_alias(self, name: str, alias: str) -> VersionInfo: ...
+    def version_by_alias(self, name: str, alias: str, deadline: Deadline) -> VersionInfo: ...
 
-    def version(self, name: str, version: int) -> VersionInfo: ...
+    def version(self, name: str, version: int, deadline: Deadline) -> VersionInfo: ...
 
-    def latest(self, name: str, stage: str | None) -> VersionInfo: ...
+    def latest(self, name: str, stage: str | None, deadline: Deadline) -> VersionInfo: ...
 
-    def versions_desc(self, name: str) -> Iterator[VersionInfo]: ...
+    def versions_desc(self, name: str, deadline: Deadline) -> Iterator[VersionInfo]: ...
 
-    def download_uri(self, name: str, version: int) -> str: ...
+    def download_uri(self, name: str, version: int, deadline: Deadline) -> str: ...
 
-    def logged_model(self, model_id: str) -> LoggedModelInfo: ...
+    def logged_model(self, model_id: str, deadline: Deadline) -> LoggedModelInfo: ...
 
-    def run_artifact_uri(self, run_id: str) -> str: ...
+    def run_artifact_uri(self, run_id: str, deadline: Deadline) -> str: ...
 
 
 def _name_filter(name: str) -> str:
     if "'" not in name:
         return f"name = '{name}'"
     return 'name = "' + name.replace('"', '\\"') + '"'
+
+
+def _newest(versions: list[VersionInfo], name: str, stage: str | None) -> VersionInfo:
+    if not versions:
+        where = f"in stage {stage!r}" if stage else "at all"
+        raise NotFound(f"registered model {name!r} has no version {where}")
+    return max(versions, key=lambda v: v.version)
 
 
 class RestRegistry:
@@ -115,29 +122,41 @@ class RestRegistry:
         self._http = transport
         self._ep = endpoint
 
-    def _get(self, path: str, **params: str | list[str]) -> dict[str, Any]:
-        return self._http.get_json(self._ep, _API + path, params)
+    def _get(self, path: str, deadline: Deadline, **params: str | list[str]) -> bytes:
+        return self._http.get_json(self._ep, _API + path, params, deadline=deadline)
 
-    def version_by_alias(self, name: str, alias: str) -> VersionInfo:
-        return VersionInfo.from_json(self._get("/registered-models/alias", name=name, alias=alias)["model_version"])
+    def version_by_alias(self, name: str, alias: str, deadline: Deadline) -> VersionInfo:
+        from model_loader.sources._mlflow_schema import ModelVersionAnswer, parse
 
-    def version(self, name: str, version: int) -> VersionInfo:
-        return VersionInfo.from_json(self._get("/model-versions/get", name=name, version=str(version))["model_version"])
+        body = self._get("/registered-models/alias", deadline, name=name, alias=alias)
+        return VersionInfo.from_schema(parse(ModelVersionAnswer, body, f"alias {alias!r} of {name!r}").model_version)
 
-    def latest(self, name: str, stage: str | None) -> VersionInfo:
+    def version(self, name: str, version: int, deadline: Deadline) -> VersionInfo:
+        from model_loader.sources._mlflow_schema import ModelVersionAnswer, parse
+
+        body = self._get("/model-versions/get", deadline, name=name, version=str(version))
+        found = parse(ModelVersionAnswer, body, f"version {version} of {name!r}").model_version
+        if found.version != version:
+            raise MalformedResponse(f"asked for version {version} of {name!r}, the registry answered {found.version}")
+        return VersionInfo.from_schema(found)
+
+    def latest(self, name: str, stage: str | None, deadline: Deadline) -> VersionInfo:
+        from model_loader.sources._mlflow_schema import ModelVersionsAnswer, parse
+
         payload: dict[str, Any] = {"name": name}
         if stage is not None:
             payload["stages"] = [stage]
-        found = self._http.post_json(self._ep, _API + "/registered-models/get-latest-versions", payload)
-        versions = [VersionInfo.from_json(v) for v in found.get("model_versions", [])]
-        if not versions:
-            where = f"in stage {stage!r}" if stage else "at all"
-            raise NotFound(f"registered model {name!r} has no version {where}")
-        return max(versions, key=lambda v: v.version)
+        path = _API + "/registered-models/get-latest-versions"
+        body = self._http.post_json(self._ep, path, payload, deadline=deadline)
+        found = parse(ModelVersionsAnswer, body, f"latest versions of {name!r}")
+        return _newest([VersionInfo.from_schema(v) for v in found.model_versions], name, stage)
 
-    def versions_desc(self, name: str) -> Iterator[VersionInfo]:
+    def versions_desc(self, name: str, deadline: Deadline) -> Iterator[VersionInfo]:
+        from model_loader.sources._mlflow_schema import ModelVersionsAnswer, parse
+
         token = ""
-        while True:
+        seen: set[str] = set()
+        for _ in range(_MAX_PAGES):
             params: dict[str, str | list[str]] = {
                 "filter": _name_filter(name),
                 "order_by": ["version_number DESC"],
@@ -145,28 +164,34 @@ class RestRegistry:
             }
             if token:
                 params["page_token"] = token
-            page = self._get("/model-versions/search", **params)
-            for v in page.get("model_versions", []):
-                yield VersionInfo.from_json(v)
-            token = str(page.get("next_page_token") or "")
+            page = parse(ModelVersionsAnswer, self._get("/model-versions/search", deadline, **params), "version search")
+            for v in page.model_versions:
+                yield VersionInfo.from_schema(v)
+            token = page.next_page_token or ""
             if not token:
                 return
+            if token in seen:
+                raise MalformedResponse(f"the version search of {name!r} pages in a circle")
+            seen.add(token)
+        raise MalformedResponse(f"the version search of {name!r} goes on for more than {_MAX_PAGES} pages")
 
-    def download_uri(self, name: str, version: int) -> str:
-        found = self._get("/model-versions/get-download-uri", name=name, version=str(version))
-        return str(found["artifact_uri"])
+    def download_uri(self, name: str, version: int, deadline: Deadline) -> str:
+        from model_loader.sources._mlflow_schema import DownloadUriAnswer, parse
 
-    def logged_model(self, model_id: str) -> LoggedModelInfo:
-        info = self._http.get_json(self._ep, f"{_API}/logged-models/{quote(model_id, safe='')}")["model"]["info"]
-        return LoggedModelInfo(
-            model_id=str(info["model_id"]),
-            artifact_uri=str(info["artifact_uri"]),
-            run_id=str(info["source_run_id"]) if info.get("source_run_id") else None,
-            status=str(info.get("status") or ""),
-        )
+        body = self._get("/model-versions/get-download-uri", deadline, name=name, version=str(version))
+        return parse(DownloadUriAnswer, body, f"download URI of version {version} of {name!r}").artifact_uri
 
-    def run_artifact_uri(self, run_id: str) -> str:
-        return str(self._get("/runs/get", run_id=run_id)["run"]["info"]["artifact_uri"])
+    def logged_model(self, model_id: str, deadline: Deadline) -> LoggedModelInfo:
+        from model_loader.sources._mlflow_schema import LoggedModelAnswer, parse
+
+        body = self._http.get_json(self._ep, f"{_API}/logged-models/{quote(model_id, safe='')}", deadline=deadline)
+        info = parse(LoggedModelAnswer, body, f"logged model {model_id}").model.info
+        return LoggedModelInfo(info.model_id, info.artifact_uri, info.source_run_id or None, info.status or "")
+
+    def run_artifact_uri(self, run_id: str, deadline: Deadline) -> str:
+        from model_loader.sources._mlflow_schema import RunAnswer, parse
+
+        return parse(RunAnswer, self._get("/runs/get", deadline, run_id=run_id), f"run {run_id}").run.info.artifact_uri
 
 
 def sqlite_path(uri: str) -> str | None:
@@ -189,8 +214,9 @@ class ClientRegistry:
         self._registry_uri = registry_uri
         self._client: Any = None
 
-    def client(self) -> Any:
+    def client(self, deadline: Deadline) -> Any:
         """The ``MlflowClient``, created on first use after checking the database file."""
+        check_deadline(deadline, "asking the registry")
         for uri in {self._tracking_uri, self._registry_uri}:
             path = sqlite_path(uri)
             if path is not None and not os.access(path, os.R_OK):
@@ -201,24 +227,20 @@ class ClientRegistry:
             self._client = MlflowClient(tracking_uri=self._tracking_uri, registry_uri=self._registry_uri)
         return self._client
 
-    def version_by_alias(self, name: str, alias: str) -> VersionInfo:
-        return VersionInfo.from_entity(self.client().get_model_version_by_alias(name, alias))
+    def version_by_alias(self, name: str, alias: str, deadline: Deadline) -> VersionInfo:
+        return VersionInfo.from_entity(self.client(deadline).get_model_version_by_alias(name, alias))
 
-    def version(self, name: str, version: int) -> VersionInfo:
-        return VersionInfo.from_entity(self.client().get_model_version(name, str(version)))
+    def version(self, name: str, version: int, deadline: Deadline) -> VersionInfo:
+        return VersionInfo.from_entity(self.client(deadline).get_model_version(name, str(version)))
 
-    def latest(self, name: str, stage: str | None) -> VersionInfo:
-        found = self.client().get_latest_versions(name, None if stage is None else [stage])
-        versions = [VersionInfo.from_entity(v) for v in found]
-        if not versions:
-            where = f"in stage {stage!r}" if stage else "at all"
-            raise NotFound(f"registered model {name!r} has no version {where}")
-        return max(versions, key=lambda v: v.version)
+    def latest(self, name: str, stage: str | None, deadline: Deadline) -> VersionInfo:
+        found = self.client(deadline).get_latest_versions(name, None if stage is None else [stage])
+        return _newest([VersionInfo.from_entity(v) for v in found], name, stage)
 
-    def versions_desc(self, name: str) -> Iterator[VersionInfo]:
+    def versions_desc(self, name: str, deadline: Deadline) -> Iterator[VersionInfo]:
         token = None
         while True:
-            page = self.client().search_model_versions(
+            page = self.client(deadline).search_model_versions(
                 _name_filter(name), max_results=_PAGE, order_by=["version_number DESC"], page_token=token
             )
             for mv in page:
@@ -227,11 +249,11 @@ class ClientRegistry:
             if not token:
                 return
 
-    def download_uri(self, name: str, version: int) -> str:
-        return str(self.client().get_model_version_download_uri(name, str(version)))
+    def download_uri(self, name: str, version: int, deadline: Deadline) -> str:
+        return str(self.client(deadline).get_model_version_download_uri(name, str(version)))
 
-    def logged_model(self, model_id: str) -> LoggedModelInfo:
-        lm = self.client().get_logged_model(model_id)
+    def logged_model(self, model_id: str, deadline: Deadline) -> LoggedModelInfo:
+        lm = self.client(deadline).get_logged_model(model_id)
         return LoggedModelInfo(
             model_id=str(lm.model_id),
             artifact_uri=str(lm.artifact_location),
@@ -239,5 +261,5 @@ class ClientRegistry:
             status=str(getattr(lm.status, "name", lm.status) or ""),
         )
 
-    def run_artifact_uri(self, run_id: str) -> str:
-        return str(self.client().get_run(run_id).info.artifact_uri)
+    def run_artifact_uri(self, run_id: str, deadline: Deadline) -> str:
+        return str(self.client(deadline).get_run(run_id).info.artifact_uri)

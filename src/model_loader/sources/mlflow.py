@@ -5,13 +5,21 @@ For an ``http(s)://`` registry it speaks MLflow's REST API directly (stdlib HTTP
 mlflow import, our timeouts, no retries of its own); any other registry URI
 (``sqlite:///``, ``file:``, ``databricks``) goes through ``mlflow.MlflowClient``. Artifacts
 come from the server's ``mlflow-artifacts`` API, from S3 through the S3 source, from a
-local ``file:`` store, or through MLflow's artifact repositories for anything else.
+local ``file:`` store (only for a local registry, unless ``allow_local_artifacts``), or
+through MLflow's artifact repositories for anything else.
+
+Every call is capped by ``Deadline.current()`` (read at the top of ``resolve``, ``fetch``
+and ``previous_versions`` and handed down explicitly, to worker threads too), every REST
+answer is parsed against a declared schema, and ``fetch`` resumes: files an earlier
+attempt completed (``FetchContext.current().completed``) are kept, each new one is
+reported as it completes.
 """
 
 from __future__ import annotations
 
 import base64
 import contextlib
+import dataclasses
 import logging
 import os
 import threading
@@ -21,21 +29,15 @@ from pathlib import Path
 from typing import ClassVar
 from urllib.parse import unquote, urlsplit
 
-from model_loader._types import Manifest, ModelRef, ResolvedModel
+from model_loader._deadline import Deadline, FetchContext
+from model_loader._types import FileEntry, Manifest, ModelRef, ResolvedModel
 from model_loader._uri import parse_ref
 from model_loader.errors import InvalidReferenceError, MissingDependencyError, SourceError
 from model_loader.protocol import ModelSource, SourceCapabilities, SourceSettings
 from model_loader.sources import _mlflow_artifacts as artifacts
-from model_loader.sources._mlflow_errors import map_errors
-from model_loader.sources._mlflow_http import Endpoint, RestTransport, TlsSettings, redact_url
-from model_loader.sources._mlflow_registry import (
-    ClientRegistry,
-    NotFound,
-    Registry,
-    RestRegistry,
-    VersionInfo,
-    sqlite_path,
-)
+from model_loader.sources._mlflow_errors import LocalArtifactsRefused, NotFound, map_errors
+from model_loader.sources._mlflow_http import Endpoint, RestTransport, TlsSettings, check_deadline, redact_url
+from model_loader.sources._mlflow_registry import ClientRegistry, Registry, RestRegistry, VersionInfo, sqlite_path
 
 __all__ = ["MlflowRegistrySource"]
 
@@ -48,6 +50,12 @@ _stage_lock = threading.Lock()
 
 def _truthy(value: str | None) -> bool:
     return (value or "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def _is_local(location: str) -> bool:
+    """A ``file:`` URI or a bare path (``/srv/...``, ``mlruns/0/...``, ``C:\\...``)."""
+    scheme = urlsplit(location).scheme.lower()
+    return scheme in ("", "file") or len(scheme) == 1
 
 
 def _absolute(uri: str) -> str:
@@ -106,6 +114,10 @@ class MlflowRegistrySource:
         s3_source: The source used for ``s3://`` artifact locations (default: an ``S3Source``
             for ``s3_endpoint_url``, built on first use and closed with this source).
         s3_endpoint_url: Default: ``$MLFLOW_S3_ENDPOINT_URL`` (else boto3's own settings).
+        allow_local_artifacts: Let a remote registry name a local path (``file:``, ``/...``)
+            as a version's artifacts. Off, such a version is refused (``AccessDeniedError``),
+            so a registry cannot make the loader copy a directory of its choosing. A local
+            registry (``sqlite:///``, ``file:``) may always use local paths.
         environ: Read the ``MLFLOW_*`` variables from this mapping instead of ``os.environ``.
 
     Credentials come from ``MLFLOW_TRACKING_USERNAME``/``MLFLOW_TRACKING_PASSWORD`` (Basic),
@@ -122,7 +134,7 @@ class MlflowRegistrySource:
 
     scheme: ClassVar[str] = _SCHEME
     capabilities: ClassVar[SourceCapabilities] = SourceCapabilities(
-        remote=True, immutable_versions=True, version_history=True
+        remote=True, immutable_versions=True, version_history=True, resumable=True
     )
 
     def __init__(
@@ -137,6 +149,7 @@ class MlflowRegistrySource:
         exclude: Sequence[str] = (),
         s3_source: ModelSource | None = None,
         s3_endpoint_url: str | None = None,
+        allow_local_artifacts: bool = False,
         environ: Mapping[str, str] | None = None,
     ) -> None:
         env: Mapping[str, str] = os.environ if environ is None else environ
@@ -157,6 +170,10 @@ class MlflowRegistrySource:
         self._s3_source = s3_source
         self._owns_s3 = False
         self._s3_endpoint_url = s3_endpoint_url or env.get("MLFLOW_S3_ENDPOINT_URL") or None
+        # a registry on this machine (sqlite:///, a file store) keeps its artifacts on this machine too
+        self._local_artifacts = (
+            allow_local_artifacts or _is_local(self._registry_uri) or self._registry_uri.startswith("sqlite:")
+        )
         self._presign = artifacts.Presign()
         self._lock = threading.Lock()
         self._closed = False
@@ -201,7 +218,7 @@ class MlflowRegistrySource:
     @classmethod
     def from_settings(cls, settings: SourceSettings) -> MlflowRegistrySource:
         """Build from the loader's settings; URIs and credentials come from the environment."""
-        return cls(**settings.as_kwargs())
+        return cls(**settings.as_kwargs(), allow_local_artifacts=settings.allow_local_artifacts)
 
     @property
     def identity(self) -> str:
@@ -217,83 +234,105 @@ class MlflowRegistrySource:
 
         Raises:
             ModelNotFoundError: No such model, version, alias or stage; a failed registration.
-            AccessDeniedError: The server refused the credentials.
+            AccessDeniedError: The server refused the credentials; a remote registry named
+                a local path for the artifacts (see ``allow_local_artifacts``).
+            InvalidResponseError: The server answered with something malformed.
             SourceUnavailableError: The server cannot be reached or answered 5xx.
+            SourceTimeoutError: ``Deadline.current()`` ran out.
         """
         if ref.scheme != _SCHEME:
             raise InvalidReferenceError(f"{ref.uri!r} is not a models:/ reference")
         self._check_open()
+        deadline = Deadline.current()
         with self._map_errors(ref, "resolve"):
             if ref.selector_kind == "logged_model":
-                return self._resolve_logged_model(ref)
+                return self._resolve_logged_model(ref, deadline)
             name, selector = ref.location, ref.selector or ""
             if ref.selector_kind == "alias":
-                mv = self._registry.version_by_alias(name, selector)
+                mv = self._registry.version_by_alias(name, selector, deadline)
             elif ref.selector_kind == "version":
-                mv = self._registry.version(name, int(selector))
+                mv = self._registry.version(name, int(selector), deadline)
             elif ref.selector_kind == "stage":
                 _warn_stage()
-                mv = self._registry.latest(name, selector)
+                mv = self._registry.latest(name, selector, deadline)
             elif ref.selector_kind == "latest":
-                mv = self._registry.latest(name, None)
+                mv = self._registry.latest(name, None, deadline)
             else:
                 raise InvalidReferenceError(f"{ref.uri!r} names no version, alias, stage or 'latest'")
             if "FAILED" in mv.status.upper():
                 raise NotFound(f"version {mv.version} of {name!r} failed to register")
             if "PENDING" in mv.status.upper():
                 raise ConnectionError(f"version {mv.version} of {name!r} is still being registered")
-            resolved = self._resolved(ref, mv)
+            resolved = self._resolved(ref, mv, deadline)
         logger.debug("resolved %s to %s at %s", ref.uri, resolved.version, resolved.meta["storage_location"])
         return resolved
 
-    def _resolved(self, ref: ModelRef, mv: VersionInfo) -> ResolvedModel:
-        location = self._concrete(self._registry.download_uri(mv.name, mv.version))
+    def _resolved(self, ref: ModelRef, mv: VersionInfo, deadline: Deadline) -> ResolvedModel:
+        location = self._concrete(self._registry.download_uri(mv.name, mv.version, deadline), deadline)
+        self._check_location(location, f"version {mv.version} of {mv.name!r}")
         meta = {"name": mv.name, "version": str(mv.version), "storage_location": location, "run_id": mv.run_id}
         return ResolvedModel(ref, self._identity, f"{mv.name}/{mv.version}", None, ResolvedModel.pack_metadata(meta))
 
-    def _resolve_logged_model(self, ref: ModelRef) -> ResolvedModel:
-        lm = self._registry.logged_model(ref.location)
+    def _resolve_logged_model(self, ref: ModelRef, deadline: Deadline) -> ResolvedModel:
+        lm = self._registry.logged_model(ref.location, deadline)
         if "FAILED" in lm.status.upper():
             raise NotFound(f"logged model {lm.model_id} failed to upload")
         if "PENDING" in lm.status.upper():
             raise ConnectionError(f"logged model {lm.model_id} is still being uploaded")
-        meta = {"model_id": lm.model_id, "storage_location": self._concrete(lm.artifact_uri), "run_id": lm.run_id}
+        location = self._concrete(lm.artifact_uri, deadline)
+        self._check_location(location, f"logged model {lm.model_id}")
+        meta = {"model_id": lm.model_id, "storage_location": location, "run_id": lm.run_id}
         return ResolvedModel(ref, self._identity, lm.model_id, None, ResolvedModel.pack_metadata(meta))
 
-    def _concrete(self, location: str) -> str:
+    def _concrete(self, location: str, deadline: Deadline) -> str:
         """Follow ``runs:/`` and ``models:/m-<id>`` indirections to a storage location."""
         for _ in range(4):
             parts = urlsplit(location)
             if parts.scheme == "runs":
                 run_id, _, sub = (parts.netloc + parts.path).lstrip("/").partition("/")
-                base = self._registry.run_artifact_uri(run_id).rstrip("/")
+                base = self._registry.run_artifact_uri(run_id, deadline).rstrip("/")
                 location = f"{base}/{sub}" if sub else base
             elif parts.scheme == "models" and parts.path.lstrip("/").startswith("m-"):
-                location = self._registry.logged_model(parts.path.lstrip("/").split("/")[0]).artifact_uri
+                location = self._registry.logged_model(parts.path.lstrip("/").split("/")[0], deadline).artifact_uri
             elif parts.scheme == "models":
                 raise NotFound(f"artifact location {location!r} points at another registered model")
             else:
                 return location
         raise NotFound(f"artifact location {location!r} does not lead to storage")
 
+    def _check_location(self, location: str, what: str) -> None:
+        """Refuse a local artifact path named by a remote registry (unless allowed)."""
+        if not self._local_artifacts and _is_local(location):
+            raise LocalArtifactsRefused(
+                f"{what} keeps its artifacts at the local path {redact_url(location)!r}, and a remote registry "
+                "may not make the loader copy local files; if this is intended, set allow_local_artifacts=True "
+                "(MODEL_LOADER_ALLOW_LOCAL_ARTIFACTS=1)"
+            )
+
     # -- version history ----------------------------------------------------------------
 
     def previous_versions(self, resolved: ResolvedModel, limit: int) -> list[ResolvedModel]:
         """Up to ``limit`` READY versions of the same model older than ``resolved``, newest first.
 
-        Deleted and failed versions are skipped; a logged model (``m-<id>``) has no history.
+        Deleted and failed versions are skipped, and so are versions a remote registry
+        keeps at a local path; a logged model (``m-<id>``) has no history.
         """
         meta = resolved.meta
         if limit <= 0 or "name" not in meta or "version" not in meta:
             return []
         self._check_open()
+        deadline = Deadline.current()
         name, current = meta["name"], int(meta["version"])
         out: list[ResolvedModel] = []
         with self._map_errors(resolved.ref, "list versions of"):
-            for mv in self._registry.versions_desc(name):
+            for mv in self._registry.versions_desc(name, deadline):
                 if mv.version >= current or mv.status.upper() != "READY":
                     continue
-                out.append(self._resolved(parse_ref(f"models:/{name}/{mv.version}"), mv))
+                try:
+                    out.append(self._resolved(parse_ref(f"models:/{name}/{mv.version}"), mv, deadline))
+                except LocalArtifactsRefused as exc:
+                    logger.warning("skipping an earlier version: %s", exc)
+                    continue
                 if len(out) >= limit:
                     break
         return out
@@ -301,13 +340,20 @@ class MlflowRegistrySource:
     # -- fetch --------------------------------------------------------------------------
 
     def fetch(self, resolved: ResolvedModel, dest: Path) -> Manifest:
-        """Download the pinned version's artifacts into the empty directory ``dest``.
+        """Download the pinned version's artifacts into ``dest``.
+
+        Files that ``FetchContext.current().completed`` lists with the listed size are kept
+        as they are (an earlier attempt wrote and verified them); every other file is
+        written, hashed and reported to ``FetchContext.current().file_done``.
 
         Raises:
             ModelNotFoundError: The version's artifacts are gone (the loader may then try
                 earlier versions).
+            AccessDeniedError: A remote registry named a local path (see ``allow_local_artifacts``).
+            InvalidResponseError: A listing is malformed or beyond a bound.
             SourceUnavailableError: The server or the artifact store cannot be reached.
-            IntegrityError: A file arrived with another size than listed.
+            SourceTimeoutError: ``Deadline.current()`` ran out.
+            IntegrityError: A file arrived with another size than listed; an unsafe path.
         """
         location = resolved.meta.get("storage_location")
         if not location:
@@ -315,28 +361,38 @@ class MlflowRegistrySource:
                 f"{resolved.version} was not resolved by an MLflow source", scheme=_SCHEME, ref=resolved.ref.uri
             )
         self._check_open()
+        deadline, context = Deadline.current(), FetchContext.current()
         with self._map_errors(resolved.ref, "fetch"):
-            manifest = self._fetch_location(location, dest)
+            self._check_location(location, resolved.version)
+            manifest = self._fetch_location(location, dest, deadline, context)
         logger.debug("fetched %s: %d files, %d bytes", resolved.version, len(manifest.files), manifest.total_size)
         return manifest
 
-    def _fetch_location(self, location: str, dest: Path) -> Manifest:
+    def _fetch_location(self, location: str, dest: Path, deadline: Deadline, context: FetchContext) -> Manifest:
         parts = urlsplit(location)
         scheme = parts.scheme.lower()
         if scheme == "s3":
-            return self._fetch_s3(location, dest)
+            return self._fetch_s3(location, dest, deadline, context)
         if self._http is not None and self._tracking_ep is not None:
             if scheme == "mlflow-artifacts":
                 ep = self._tracking_ep.with_netloc(parts.netloc) if parts.netloc else self._tracking_ep
-                return self._fetch_proxied(ep, unquote(parts.path), dest)
+                return self._fetch_proxied(ep, unquote(parts.path), dest, deadline, context)
             anchor = artifacts.ARTIFACTS_API + "/"
             if scheme in ("http", "https") and anchor in parts.path:
                 before, _, after = parts.path.partition(anchor)
                 ep = Endpoint.parse(f"{scheme}://{parts.netloc}{before}")
-                return self._fetch_proxied(ep, unquote(after), dest)
+                return self._fetch_proxied(ep, unquote(after), dest, deadline, context)
         if scheme == "file" or (not scheme and location.startswith("/")):
             root = Path(unquote(parts.path) if scheme else location)
-            return artifacts.copy_local(root, dest, include=self._include, exclude=self._exclude, workers=self._workers)
+            return artifacts.copy_local(
+                root,
+                dest,
+                include=self._include,
+                exclude=self._exclude,
+                workers=self._workers,
+                deadline=deadline,
+                context=context,
+            )
         return artifacts.fetch_with_mlflow(
             location,
             dest,
@@ -344,9 +400,13 @@ class MlflowRegistrySource:
             registry_uri=self._registry_uri,
             include=self._include,
             exclude=self._exclude,
+            deadline=deadline,
+            context=context,
         )
 
-    def _fetch_proxied(self, ep: Endpoint, root: str, dest: Path) -> Manifest:
+    def _fetch_proxied(
+        self, ep: Endpoint, root: str, dest: Path, deadline: Deadline, context: FetchContext
+    ) -> Manifest:
         assert self._http is not None
         return artifacts.fetch_proxied(
             self._http,
@@ -356,13 +416,36 @@ class MlflowRegistrySource:
             include=self._include,
             exclude=self._exclude,
             workers=self._workers,
+            deadline=deadline,
+            context=context,
             presign=self._presign,
         )
 
-    def _fetch_s3(self, location: str, dest: Path) -> Manifest:
+    def _fetch_s3(self, location: str, dest: Path, deadline: Deadline, context: FetchContext) -> Manifest:
+        """Through the S3 source (which caps its own calls by ``Deadline.current()``), handed
+        a resolution restricted to the files an earlier attempt did not complete."""
         s3 = self._s3()
+        check_deadline(deadline, "listing the S3 artifacts")
         s3_resolved = s3.resolve(parse_ref(location.rstrip("/") + "/"))
-        return s3.fetch(s3_resolved, dest)
+        resume = artifacts.Resume(dest, context)
+        todo = resume.todo([(f.path, f) for f in s3_resolved.files or ()], lambda f: f.size)
+        if not todo:
+            return Manifest.of(resume.kept)
+        reported: set[str] = set()
+        lock = threading.Lock()
+
+        def file_done(entry: FileEntry) -> None:
+            with lock:
+                reported.add(entry.path)
+            context.file_done(entry)
+
+        restricted = dataclasses.replace(s3_resolved, files=tuple(f for _, f in todo))
+        with FetchContext(file_done=file_done, progress=context.progress).applied():
+            manifest = s3.fetch(restricted, dest)
+        for entry in manifest.files:
+            if entry.path not in reported:  # an S3 source that does not report files itself
+                context.file_done(entry)
+        return Manifest.of(resume.kept + list(manifest.files))
 
     def _s3(self) -> ModelSource:
         with self._lock:
