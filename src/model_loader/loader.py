@@ -23,6 +23,7 @@ from model_loader._cache import CachedEntry, CacheHit, DiskCache
 from model_loader._deadline import Deadline
 from model_loader._memory import MemoryCache
 from model_loader._staging import Staging
+from model_loader._tiers import TieredCache
 from model_loader._types import FetchResult, LoadedModel, ModelRef, ResolvedModel, Timings
 from model_loader._uri import parse_ref
 from model_loader.config import LoaderConfig
@@ -135,12 +136,19 @@ class ResilientLoader:
     ) -> None:
         self.config = config if config is not None else LoaderConfig.from_env()
         c = self.config
-        self.cache = DiskCache(
-            c.cache.dir,
-            max_size=c.cache.max_size,
-            verify=c.cache.verify,
-            lock_timeout=c.cache.lock_timeout,
-            min_free=c.cache.min_free,
+        tiers = [
+            DiskCache(
+                root,
+                max_size=c.cache.max_size if i == 0 else None,
+                verify=c.cache.verify,
+                lock_timeout=c.cache.lock_timeout,
+                min_free=c.cache.min_free,
+                shared=c.cache.shared,
+            )
+            for i, root in enumerate((c.cache.dir, *c.cache.tiers))
+        ]
+        self.cache: DiskCache | TieredCache = (
+            tiers[0] if len(tiers) == 1 else TieredCache(tiers, promote=c.cache.promote)
         )
         self.memory = memory if memory is not None else MemoryCache(c.cache.memory_items)
         self._loader_fn = loader_fn
@@ -152,7 +160,7 @@ class ResilientLoader:
             max_concurrency=c.max_concurrency,
             include=c.include,
             exclude=c.exclude,
-            state_dir=None if self.cache.read_only else self.cache.state_dir,
+            state_dir=None if self.cache.read_only else Path(self.cache.state_dir),
             allow_local_artifacts=c.allow_local_artifacts,
         )
         items = _as_list(sources) if sources is not None else list(c.sources)
