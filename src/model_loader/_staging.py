@@ -176,6 +176,16 @@ class Staging:
         else:
             self.wipe()
         before = self.completed
+        if resumable and resolved.files is not None and before:
+            wanted = {(f.path, f.size) for f in resolved.files}
+            stale = [e.path for e in before.values() if (e.path, e.size) not in wanted]
+            if stale:  # fetched for another selection (include/exclude changed): not this model's
+                with self._lock:
+                    for path in stale:
+                        self._done.pop(path, None)
+                self._rewrite_journal()
+                self.discard_partial()
+                before = self.completed
         todo = resolved
         if resumable and resolved.files is not None and before:
             todo = dataclasses.replace(resolved, files=tuple(f for f in resolved.files if f.path not in before))
@@ -192,8 +202,8 @@ class Staging:
                 manifest = source.fetch(todo, self.files_dir)
         finally:
             self.progressed = resumable and len(self.completed) > len(before)
-        merged = dict(before) if resumable else {}
-        merged.update((e.path, e) for e in manifest.files)
+        merged = {p: e for p, e in before.items() if (self.files_dir / p).is_file()} if resumable else {}
+        merged.update((e.path, e) for e in manifest.files)  # files the source removed are not kept
         return Manifest.of(merged.values())
 
 
