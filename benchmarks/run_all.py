@@ -1,6 +1,6 @@
 """Run every benchmark suite side by side and write benchmarks/results.json.
 
-python benchmarks/run_all.py [--runs N] [--only core,s3,mlflow]
+python benchmarks/run_all.py [--runs N] [--only core,startup,s3,mlflow]
 """
 
 from __future__ import annotations
@@ -13,7 +13,12 @@ import tempfile
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-SUITES = {"core": "bench_core.py", "s3": "bench_s3.py", "mlflow": "bench_mlflow.py"}
+SUITES = {
+    "core": "bench_core.py",
+    "startup": "bench_startup.py",
+    "s3": "bench_s3.py",
+    "mlflow": "bench_mlflow.py",
+}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -53,3 +53,21 @@ def test_building_a_loader_for_files_imports_no_sdk(tmp_path: object) -> None:
     mods = _fresh(code)
     for heavy in ("mlflow", "boto3", "botocore", "pydantic_settings", "fsspec"):
         assert heavy not in mods, f"a local fetch imported {heavy}"
+
+
+def test_importing_the_command_line_pulls_nothing_heavy() -> None:
+    code = "import json, sys, model_loader.cli; print(json.dumps(sorted(sys.modules)))"
+    mods = _fresh(code)
+    for heavy in ("pydantic", "model_loader.config", "model_loader.loader", "importlib.metadata", "boto3", "mlflow"):
+        assert heavy not in mods, f"import model_loader.cli imported {heavy}"
+
+
+def test_configuration_from_the_environment_needs_no_pydantic_settings() -> None:
+    code = (
+        "import json, sys\n"
+        "from model_loader import LoaderConfig\n"
+        "LoaderConfig.from_env({'MODEL_LOADER_DEADLINE': '5', 'MODEL_LOADER_VERIFY': 'full'})\n"
+        "LoaderConfig.from_env({'MODEL_LOADER_DEADLINE': '1e1'})  # the pydantic-validated path\n"
+        "print(json.dumps(sorted(sys.modules)))\n"
+    )
+    assert "pydantic_settings" not in _fresh(code)

@@ -97,3 +97,44 @@ def test_third_party_sources_are_discovered_through_entry_points(tmp_path: Path)
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
     assert out.returncode == 0, out.stderr
     assert out.stdout.split() == ["acme_models", "AcmeSource", "True"]
+
+
+def test_built_in_schemes_are_found_without_reading_entry_points() -> None:
+    code = (
+        "import json, sys\n"
+        "from model_loader import registry\n"
+        "names = [registry.get_source_class(s).__name__ for s in ('file', 's3', 'models')]\n"
+        "print(json.dumps([names, registry._discovered, 'importlib.metadata' in sys.modules]))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    names, discovered, metadata_imported = json.loads(out.stdout)
+    assert names == ["LocalSource", "S3Source", "MlflowRegistrySource"]
+    assert discovered is False
+    assert metadata_imported is False
+
+
+def test_an_entry_point_cannot_replace_a_built_in_but_register_source_can(tmp_path: Path) -> None:
+    site = tmp_path / "site"
+    pkg = site / "shadow_s3"
+    pkg.mkdir(parents=True)
+    (pkg / "__init__.py").write_text("from model_loader.testing import InMemorySource as ShadowSource\n")
+    dist = site / "shadow_s3-1.0.dist-info"
+    dist.mkdir()
+    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: shadow-s3\nVersion: 1.0\n")
+    (dist / "entry_points.txt").write_text("[model_loader.sources]\ns3 = shadow_s3:ShadowSource\n")
+    code = (
+        "import logging\n"
+        "logging.basicConfig(level=logging.WARNING, format='%(levelname)s %(message)s')\n"
+        "from model_loader.registry import get_source_class, known_schemes, register_source\n"
+        "first = get_source_class('s3').__name__\n"
+        "known_schemes()  # reads the entry points\n"
+        "after = get_source_class('s3').__name__\n"
+        "register_source('s3', 'shadow_s3:ShadowSource', clobber=True)\n"
+        "print(first, after, get_source_class('s3').__name__)\n"
+    )
+    env = {**os.environ, "PYTHONPATH": str(site)}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["S3Source", "S3Source", "InMemorySource"]
+    assert "WARNING entry point s3 = shadow_s3:ShadowSource ignored" in out.stderr
+    assert "clobber=True" in out.stderr

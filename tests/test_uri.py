@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import os
+import random
 
 import pytest
 
@@ -81,6 +82,13 @@ def test_pinned_refs() -> None:
         ("file://remote-host/dir", "host"),
         ("file:///dir?x=1", "no query"),
         ("/a\0b", "NUL"),
+        ("s3://[x/", "malformed URL"),
+        ("s3://bucket]/k", "malformed URL"),
+        ("file://[::1/srv/m", "malformed URL"),
+        ("/srv/models/\udcff", "byte 0xff at position 12 is not valid UTF-8"),
+        ("s3://bucket/k\ud800", "lone surrogate U+D800"),
+        ("models:/iris/\u00b2", "not a version number"),  # a digit to str.isdigit, not to int()
+        ("models:/iris/\u0663", "not a version number"),  # Arabic-Indic 3: not version 3
     ],
 )
 def test_invalid_references_name_the_problem_and_the_accepted_forms(uri: str, fragment: str) -> None:
@@ -103,3 +111,82 @@ def test_unknown_scheme_lists_known_ones() -> None:
 def test_unknown_scheme_allowed_when_caller_brings_the_source() -> None:
     ref = parse_ref("mem://iris?alias=prod", check_scheme=False)
     assert (ref.scheme, ref.location, ref.params) == ("mem", "iris", (("alias", "prod"),))
+
+
+def test_a_path_that_is_not_utf8_is_an_invalid_reference(tmp_path: os.PathLike[str]) -> None:
+    path = os.fsdecode(os.fsencode(tmp_path) + b"/model-\xe9")  # latin-1 bytes on disk, as os.listdir gives them
+    with pytest.raises(InvalidReferenceError, match=r"byte 0xe9 .* not valid UTF-8"):
+        parse_ref(path)
+
+
+def test_a_malformed_plugin_url_is_an_invalid_reference() -> None:
+    with pytest.raises(InvalidReferenceError, match="malformed URL"):
+        parse_ref("mem://[iris", check_scheme=False)
+
+
+def test_bytes_are_not_a_reference() -> None:
+    with pytest.raises(TypeError, match="str"):
+        parse_ref(b"/srv/models/iris")  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    ("uri", "key", "version_id"),
+    [
+        ("s3://bucket/%2Fabs/key", "/abs/key", None),  # a key that starts with '/'
+        ("s3://bucket/k?versionId=3HL4kqtJ%2Brm", "k", "3HL4kqtJ+rm"),  # '+' in a VersionId
+        ("s3://bucket/k?versionId=a%26b%3Dc", "k", "a&b=c"),
+    ],
+)
+def test_canonical_s3_uris_round_trip_what_they_name(uri: str, key: str, version_id: str | None) -> None:
+    ref = parse_ref(uri)
+    assert (ref.location, ref.selector) == (f"bucket/{key}", version_id)
+    assert parse_ref(ref.uri) == ref
+
+
+# A corpus of hostile references: every outcome is a ModelRef whose canonical URI parses back to
+# it, or InvalidReferenceError (UnknownSchemeError is one) naming the problem. Never a bare
+# ValueError, UnicodeError, IndexError...
+HOSTILE = [
+    "s3://[x/", "s3://]", "s3://bucket:99999/k", "s3://bucket:abc/k", "s3://bucket/%", "s3://bucket/%zz",
+    "s3://bucket/k?versionId=%", "s3://bucket/k?&&==&", "s3://bucket/k#frag", "s3:bucket", "s3:/bucket/k",
+    "models:/", "models:/@", "models:/a@b@c", "models:/a/b/c/1", "models:/a/99999999999999999999999",
+    "models:/a/-1", "models:/a/+1", "models:/a/1.0", "models:/a/%31", "models:/m-", "models:/m-xyz",
+    "file:", "file:/", "file://", "file:///", "file://user@host/x", "file:///a%00b", "file:///%ff",
+    "file:///a?", "file:///a#", "~nosuchuser/x", "~", ".", "..", "C:\\models", "c:/m", "\\\\server\\share",
+    "mem://", "mem://[", "mem://a?b=%", "x:", "x+y.z-w://host", "\udcff", "/\udcff", "models:/\udcff/1",
+    "s3://bucket/\udcff", "\u202e/etc", "\x00", "   \t\n ", "models:/iris\n@prod", "s3://bucket/k?versionId=\udcff",
+]  # fmt: skip
+
+
+def _hostile_corpus() -> list[str]:
+    rng = random.Random(20261128)
+    prefixes = ["", "models:/", "models:", "s3://", "s3://bucket/", "file://", "file:///", "mem://", "/", "./", "~"]
+    pieces = [
+        *"abcXYZ019-_.~/@:?#&=%[] \t\n\0+,;",
+        "\udcff", "\u00b2", "\u0663", "\u00e9", "%zz", "%2F", "%00", "%ff", "?versionId=", "//", "..",
+        "latest", "Production", "m-0a", "[::1]", "\ud800",
+    ]  # fmt: skip
+    generated = [
+        rng.choice(prefixes) + "".join(rng.choice(pieces) for _ in range(rng.randint(0, 12))) for _ in range(3000)
+    ]
+    return HOSTILE + generated
+
+
+def test_parse_ref_raises_only_invalid_reference_errors() -> None:
+    wrong = []
+    for uri in _hostile_corpus():
+        for check_scheme in (True, False):
+            try:
+                ref = parse_ref(uri, check_scheme=check_scheme)
+            except InvalidReferenceError as exc:
+                if not str(exc).startswith(
+                    ("invalid model reference", "empty model reference", "no source for scheme")
+                ):
+                    wrong.append((uri, repr(exc)))
+                continue
+            except Exception as exc:
+                wrong.append((uri, repr(exc)))
+                continue
+            if parse_ref(ref.uri, check_scheme=False) != ref:
+                wrong.append((uri, f"{ref.uri!r} does not parse back to {ref!r}"))
+    assert wrong == []

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import os
 import re
-from urllib.parse import parse_qsl, quote, unquote, urlsplit
+from urllib.parse import SplitResult, parse_qsl, quote, unquote, urlsplit
 
 from model_loader._types import ModelRef, SelectorKind
 from model_loader.errors import InvalidReferenceError, UnknownSchemeError
@@ -53,9 +53,25 @@ def parse_ref(uri: str | os.PathLike[str], *, check_scheme: bool = True) -> Mode
         >>> parse_ref("models:/iris@champion").selector
         'champion'
     """
-    text = os.fspath(uri).strip() if not isinstance(uri, str) else uri.strip()
+    raw = os.fspath(uri)
+    if not isinstance(raw, str):
+        raise TypeError(f"a model reference is a str or an os.PathLike[str], not {type(raw).__name__}")
+    text = raw.strip()
     if not text:
         raise InvalidReferenceError(f"empty model reference; accepted: {ACCEPTED_FORMS}")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:  # surrogate escapes: a path or argument that was not UTF-8
+        raise _bad(text, _not_utf8(text, exc.start)) from None
+    try:
+        return _parse(text, check_scheme)
+    except InvalidReferenceError:
+        raise
+    except ValueError as exc:  # urlsplit, int(), codecs: whatever slipped past the checks (UnicodeError too)
+        raise _bad(text, f"it cannot be parsed: {exc}") from exc
+
+
+def _parse(text: str, check_scheme: bool) -> ModelRef:
     match = _SCHEME.match(text)
     if match is None or len(match.group(1)) == 1:  # no scheme, or a Windows drive letter
         return _parse_path(text)
@@ -67,6 +83,20 @@ def parse_ref(uri: str | os.PathLike[str], *, check_scheme: bool = True) -> Mode
     if scheme == "file":
         return _parse_file(text)
     return _parse_plugin(scheme, text, check_scheme)
+
+
+def _not_utf8(text: str, index: int) -> str:
+    char = ord(text[index])
+    if 0xDC80 <= char <= 0xDCFF:  # how Python carries an undecodable byte from argv or a path
+        return f"byte 0x{char - 0xDC00:02x} at position {index} is not valid UTF-8 (references must be UTF-8 text)"
+    return f"lone surrogate U+{char:04X} at position {index} is not valid UTF-8 (references must be UTF-8 text)"
+
+
+def _split_url(uri: str) -> SplitResult:
+    try:
+        return urlsplit(uri)
+    except ValueError as exc:  # "Invalid IPv6 URL": an unbalanced '[' or ']' in the host
+        raise _bad(uri, f"malformed URL ({exc}): '[' and ']' may only enclose an IPv6 host") from exc
 
 
 def _bad(uri: str, why: str) -> InvalidReferenceError:
@@ -94,7 +124,7 @@ def _parse_models(uri: str) -> ModelRef:
     _check_model_name(uri, name)
     if not selector:
         raise _bad(uri, "the version, stage or 'latest' after the last '/' is empty")
-    if selector.isdigit():
+    if selector.isascii() and selector.isdigit():
         if int(selector) < 1:
             raise _bad(uri, "model versions start at 1")
         return ModelRef("models", f"models:/{name}/{int(selector)}", name, str(int(selector)), "version")
@@ -115,7 +145,7 @@ def _check_model_name(uri: str, name: str) -> None:
 
 
 def _parse_s3(uri: str) -> ModelRef:
-    parts = urlsplit(uri)
+    parts = _split_url(uri)
     bucket = parts.netloc
     if not bucket:
         raise _bad(uri, "no bucket: use s3://<bucket>/<prefix>")
@@ -129,17 +159,25 @@ def _parse_s3(uri: str) -> ModelRef:
     if version_id is not None and (not version_id or not key or key.endswith("/")):
         raise _bad(uri, "versionId pins a single object: s3://<bucket>/<key>?versionId=<id>")
     extra = tuple(sorted(params.items()))
-    canonical = f"s3://{bucket}/{quote(key, safe='/~!$&()*+,;=:@-._')}"
-    query = [f"versionId={version_id}"] if version_id else []
-    query += [f"{k}={v}" for k, v in extra]
+    path = quote(key, safe="/~!$&()*+,;=:@-._")
+    if key.startswith("/"):  # a key that itself starts with '/': not the separator, so it round-trips
+        path = "%2F" + path[1:]
+    canonical = f"s3://{bucket}/{path}"
+    query = [f"versionId={_query_part(version_id)}"] if version_id else []
+    query += [f"{_query_part(k)}={_query_part(v)}" for k, v in extra]
     if query:
         canonical += "?" + "&".join(query)
     kind: SelectorKind = "version_id" if version_id else "none"
     return ModelRef("s3", canonical, f"{bucket}/{key}", version_id, kind, extra)
 
 
+def _query_part(text: str) -> str:
+    # Encode what parse_qsl would read differently ('+', '&', '=', '%', spaces); keep the rest.
+    return quote(text, safe="/:@!$'()*,;~")
+
+
 def _parse_file(uri: str) -> ModelRef:
-    parts = urlsplit(uri)
+    parts = _split_url(uri)
     if parts.netloc not in ("", "localhost"):
         raise _bad(uri, f"file references are local: host {parts.netloc!r} is not allowed (file:///abs/dir)")
     if parts.query or parts.fragment:
@@ -165,7 +203,7 @@ def _parse_plugin(scheme: str, uri: str, check_scheme: bool) -> ModelRef:
             f"no source for scheme {scheme!r} in {uri!r}; known schemes: {', '.join(sorted(schemes))} "
             "(third-party sources register in the 'model_loader.sources' entry-point group)"
         )
-    parts = urlsplit(uri)
+    parts = _split_url(uri)
     location = (parts.netloc + parts.path) if parts.netloc else parts.path
     params = tuple(sorted(parse_qsl(parts.query, keep_blank_values=True)))
     return ModelRef(scheme, uri, location, None, "none", params)

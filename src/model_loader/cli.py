@@ -1,15 +1,20 @@
-"""The ``model-loader`` command: fetch models (init containers), care for the cache, demo.
+"""The ``model-loader`` command: fetch models (init containers), care for the cache, benchmark, demo.
 
-Exit codes: 0 success; 1 failure (no source delivered, corrupt cache found); 2 bad input
-(usage, reference, configuration); 3 cache unusable (full, locked, not writable).
+Exit codes: 0 success; 1 failure (no source delivered, corrupt cache found, a server answered
+with something malformed); 2 bad input (usage, reference, configuration); 3 cache unusable
+(full, locked, not writable).
+
+Start-up is most of a warm ``fetch``, so this module imports only the standard library and
+model_loader's light modules: references are parsed before the loader, pydantic or any SDK is
+imported, and logging is set up only as far as the flags ask.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
-import logging
+import functools
 import os
+import re
 import sys
 import threading
 import time
@@ -21,19 +26,74 @@ from model_loader import __version__
 from model_loader.errors import AllSourcesFailedError, CacheError, InvalidReferenceError, ModelLoaderError
 
 if TYPE_CHECKING:
+    import logging
+
     from model_loader.config import LoaderConfig
 
 __all__ = ["main"]
 
-logger = logging.getLogger("model_loader.cli")
+_FETCH_EPILOG = """\
+output: the model directory's path, or with --json one object with
+  path, source, ref, version, digest  what was served (version is immutable; digest is
+                                      sha256 over the files' paths, sizes and hashes)
+  from_cache, degraded, offline       served without downloading / as last-known-good
+                                      because every source failed / in offline mode
+  verified                            every file checked against a hash or checksum its
+                                      origin published (not only its size)
+  size, downloaded                    bytes of the model / bytes downloaded for this run
+  timings                             seconds: resolve, fetch, verify, deserialize, total
+  retries                             {source: retries it needed}
+  failures                            [{source, error}] of the sources that failed first
+
+exit codes: 0 served; 1 every source failed; 2 bad reference, option or configuration;
+3 cache unusable (full, locked, not writable)
+"""
+
+# SDK loggers whose wire logs --debug-sdk turns on (they log headers, signing steps and URLs).
+_SDK_LOGGERS = ("botocore", "boto3", "s3transfer", "urllib3", "requests", "mlflow")
 
 
-def _parser() -> argparse.ArgumentParser:
+class _UsageError(Exception):
+    """A command line that cannot be run as given (exit 2)."""
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not 0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a positive number of seconds")
+    return value
+
+
+def _size(text: str) -> int:
+    from model_loader.config import parse_size
+
+    try:
+        return parse_size(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _command_of(argv: Sequence[str]) -> str | None:
+    """The subcommand named in ``argv`` (top-level options take no values)."""
+    return next((arg for arg in argv if not arg.startswith("-")), None)
+
+
+def _parser(bench: Any = None) -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument(
         "--cache-dir", type=Path, help="cache root (default: $MODEL_LOADER_CACHE_DIR or ~/.cache/model_loader)"
     )
-    common.add_argument("--debug", action="store_true", help="log debug details and show tracebacks")
+    common.add_argument(
+        "--debug", action="store_true", help="log model_loader's debug details and show tracebacks (no SDK logs)"
+    )
+    common.add_argument(
+        "--debug-sdk",
+        action="store_true",
+        help="--debug plus the SDKs' wire logs (botocore, urllib3, mlflow), credentials redacted",
+    )
     common.add_argument("-v", "--verbose", action="store_true", help="log retries, fallbacks and cache events")
     common.add_argument("-q", "--quiet", action="store_true", help="no progress bar or warnings")
 
@@ -43,14 +103,31 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    fetch = sub.add_parser("fetch", parents=[common], help="fetch a model into the cache and print its path")
+    fetch = sub.add_parser(
+        "fetch",
+        parents=[common],
+        help="fetch a model into the cache and print its path",
+        description="Fetch a model into the cache (or find it there) and print where it is.",
+        epilog=_FETCH_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     fetch.add_argument(
         "uris", nargs="+", metavar="URI", help="sources, tried in order (models:/, s3://, file://, paths)"
     )
-    fetch.add_argument("--timeout", type=float, metavar="SECONDS", help="overall deadline for the fetch")
+    fetch.add_argument(
+        "--timeout",
+        type=_seconds,
+        metavar="SECONDS",
+        help="deadline for the whole fetch, every source and retry included (default: MODEL_LOADER_DEADLINE)",
+    )
     fetch.add_argument("--offline", action="store_true", help="serve only from the cache; no network")
     fetch.add_argument("--json", action="store_true", help="print one JSON object describing what was served")
     fetch.add_argument("--verify", choices=["fast", "full"], help="cache-hit verification (default: fast)")
+    fetch.add_argument(
+        "--require-verified",
+        action="store_true",
+        help="refuse a model unless every file was checked against a hash or checksum its origin published",
+    )
     fetch.add_argument(
         "--include", action="append", default=[], metavar="GLOB", help="only files matching (repeatable)"
     )
@@ -66,56 +143,207 @@ def _parser() -> argparse.ArgumentParser:
     csub.add_parser("verify", parents=[common], help="hash every cached file; quarantine corrupt entries")
     prune = csub.add_parser("prune", parents=[common], help="evict least recently used entries")
     prune.add_argument(
-        "--max-size", metavar="SIZE", help="target size (e.g. 20GiB; default: MODEL_LOADER_MAX_CACHE_SIZE)"
+        "--max-size",
+        type=_size,
+        metavar="SIZE",
+        help="target size (e.g. 20GiB; default: MODEL_LOADER_MAX_CACHE_SIZE)",
     )
 
+    _add_bench(sub, common, bench)
     sub.add_parser("demo", parents=[common], help="run the self-contained demo (no server needed)")
     return parser
 
 
+_BENCH_HELP = "time loading URIs: cold, warm, and against what users do today"
+_BENCH_MODULE = "model_loader._bench_cli"
+
+
+def _bench_module() -> Any:
+    """``model_loader._bench_cli`` (imported only when ``bench`` runs), or None if it is not installed."""
+    import importlib
+
+    try:
+        return importlib.import_module(_BENCH_MODULE)
+    except ModuleNotFoundError as exc:
+        if exc.name != _BENCH_MODULE:
+            raise
+        return None
+
+
+def _add_bench(sub: Any, common: argparse.ArgumentParser, bench: Any) -> None:
+    if bench is not None:
+        bench.add_parser(sub, common)
+    else:  # listed in --help; main() answers before parsing when it is asked for
+        sub.add_parser("bench", help=_BENCH_HELP, add_help=False)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``model-loader`` console script."""
-    args = _parser().parse_args(argv)
-    # Default: the command's own one-line outcome on stderr; library logs with -v / --debug.
-    level = logging.DEBUG if args.debug else logging.INFO if args.verbose else logging.CRITICAL
-    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    arguments = list(sys.argv[1:] if argv is None else argv)
+    wants_bench = _command_of(arguments) == "bench"
+    bench: Any = _bench_module() if wants_bench else None
+    if wants_bench and bench is None:
+        return _report(_UsageError(f"the bench command is not available in this installation ({_BENCH_MODULE})"))
+    args = _parser(bench).parse_args(arguments)
+    args.debug_sdk = getattr(args, "debug_sdk", False)
+    args.debug = getattr(args, "debug", False) or args.debug_sdk
+    args.verbose = getattr(args, "verbose", False)
+    _setup_logging(args)
     try:
         if args.command == "fetch":
             return _fetch(args)
         if args.command == "cache":
             return _cache(args)
+        if args.command == "bench":
+            result: int = bench.run(args)
+            return result
         from model_loader.demo import run_demo
 
         return run_demo(cache_dir=args.cache_dir)
-    except Exception as exc:  # one clear line on stderr; the traceback only with --debug
-        if args.debug:
-            raise
-        return _report(exc)
+    except Exception as exc:  # one clear line on stderr; the traceback too with --debug
+        return _report(exc, debug=args.debug)
 
 
-def _report(exc: BaseException) -> int:
-    from pydantic import ValidationError
+# -- logging -----------------------------------------------------------------------------------
 
-    if isinstance(exc, ValidationError):
+
+def _setup_logging(args: argparse.Namespace) -> None:
+    """Our one-line outcome by default; model_loader's logs with -v / --debug; SDK logs with --debug-sdk."""
+    import logging
+
+    root = logging.getLogger()
+    if not (args.verbose or args.debug):
+        # A handler that drops everything: without one, Python prints WARNING records itself.
+        root.addHandler(logging.NullHandler())
+        return
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+    handler.addFilter(RedactingFilter())
+    root.addHandler(handler)
+    root.setLevel(logging.WARNING)  # other libraries: warnings only
+    logging.getLogger("model_loader").setLevel(logging.DEBUG if args.debug else logging.INFO)
+    if args.debug_sdk:
+        for name in _SDK_LOGGERS:
+            logging.getLogger(name).setLevel(logging.DEBUG)
+
+
+# Names whose values are secrets: headers, query parameters, JSON/XML fields, variables.
+_SECRET_NAME = r"[\w.-]*?(?:authorization|token|secret|password|passwd|signature|credential|api[-_]?key|cookie)[\w.-]*"
+_REDACTED = "***"
+
+
+@functools.cache
+def _patterns() -> tuple[re.Pattern[str], re.Pattern[str], tuple[tuple[re.Pattern[str], str], ...]]:
+    """(a query string, a signing parameter in it, (pattern, replacement)...), compiled on first use."""
+    name = _SECRET_NAME
+    return (
+        re.compile(r"\?([^\s#'\"<>]*)"),
+        # a query with a signature or token goes whole (presigned URLs)
+        re.compile(rf"(?:^|&){name}=|(?:^|&)(?:sig|se|sp|expires)=", re.I),
+        (
+            # 'Authorization': b'...'  "X-Amz-Security-Token": "..."  (dict reprs, JSON)
+            (re.compile(rf"""(['"]{name}['"]\s*:\s*b?)(['"]).*?\2""", re.I), rf"\1\2{_REDACTED}\2"),
+            # <SessionToken>...</SessionToken>  (XML answers, e.g. STS)
+            (re.compile(rf"<({name})>[^<]*</\1>", re.I), rf"<\1>{_REDACTED}</\1>"),
+            # Authorization: Bearer ...   x-amz-security-token:...   "Signature:\n<hex>" (headers, signing logs)
+            (re.compile(rf"(\b{name}[ \t]*:[ \t]*(?:\r?\n)?)[^\r\n]+", re.I), rf"\1{_REDACTED}"),
+            # X-Amz-Credential=...  token=...  (query strings, forms, signed headers)
+            (re.compile(rf"(\b{name}=)[^&\s'\"<>,]*", re.I), rf"\1{_REDACTED}"),
+            # Bearer <token>, Basic <user:password in base64>
+            (re.compile(r"\b(Bearer|Basic)\s+[\w.~+/=-]+", re.I), rf"\1 {_REDACTED}"),
+            # https://user:password@host
+            (re.compile(r"(\b[a-z][a-z0-9+.-]*://[^/\s:@'\"]+):[^/\s@'\"]+@", re.I), rf"\1:{_REDACTED}@"),
+        ),
+    )
+
+
+def _environment_secrets() -> tuple[str, ...]:
+    """Values of variables whose names say they are secrets (AWS_SESSION_TOKEN, MLFLOW_TRACKING_TOKEN...)."""
+    from urllib.parse import quote
+
+    name = re.compile(rf"^{_SECRET_NAME}$", re.I)
+    found: set[str] = set()
+    for key, value in os.environ.items():
+        if len(value) >= 8 and name.match(key) and not key.endswith(("_FILE", "_PATH", "_DIR", "_URI", "_URL")):
+            found.update((value, quote(value, safe="")))
+    return tuple(sorted(found, key=len, reverse=True))
+
+
+def redact(text: str, secrets: Sequence[str] = ()) -> str:
+    """``text`` with credentials, signatures, tokens and presigned URL queries replaced by ``***``.
+
+    Args:
+        text: A log message, traceback or error line.
+        secrets: Literal values to remove as well (e.g. the environment's tokens).
+    """
+    for secret in secrets:
+        text = text.replace(secret, _REDACTED)
+    query, signed, rules = _patterns()
+
+    def whole_query(match: re.Match[str]) -> str:
+        return f"?{_REDACTED}" if signed.search(match.group(1)) else match.group(0)
+
+    text = query.sub(whole_query, text)
+    for pattern, replacement in rules:
+        text = pattern.sub(replacement, text)
+    return text
+
+
+class RedactingFilter:
+    """A logging filter (put it on a handler) that redacts every record it passes.
+
+    The message, its arguments, the exception text and the stack are formatted and redacted
+    once, so whatever handler formats the record afterwards never sees a secret.
+    """
+
+    def __init__(self) -> None:
+        self._secrets = _environment_secrets()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        import logging
+
+        record.msg = redact(record.getMessage(), self._secrets)
+        record.args = None
+        if record.exc_info and not record.exc_text:
+            record.exc_text = logging.Formatter().formatException(record.exc_info)
+        if record.exc_text:
+            record.exc_text = redact(record.exc_text, self._secrets)
+        if record.stack_info:
+            record.stack_info = redact(record.stack_info, self._secrets)
+        return True
+
+
+# -- reporting ---------------------------------------------------------------------------------
+
+
+def _report(exc: BaseException, *, debug: bool = False) -> int:
+    code, line = _outcome(exc)
+    secrets = _environment_secrets()
+    if debug:
+        import traceback
+
+        sys.stderr.write(redact("".join(traceback.format_exception(exc)), secrets))
+    print(redact(line, secrets), file=sys.stderr)
+    return code
+
+
+def _outcome(exc: BaseException) -> tuple[int, str]:
+    """The exit code and the one line for an error. Exit 2 is for the user's input only."""
+    pydantic_core = sys.modules.get("pydantic_core")
+    if pydantic_core is not None and isinstance(exc, pydantic_core.ValidationError):
         from model_loader.config import validation_message
 
-        print(f"model-loader: invalid configuration: {validation_message(exc)}", file=sys.stderr)
-        return 2
+        return 2, f"model-loader: invalid configuration: {validation_message(exc)}"
     if isinstance(exc, AllSourcesFailedError):
         detail = "; ".join(f"{uri}: {type(err).__name__}: {_first_line(err)}" for uri, err in exc.failures)
-        print(f"model-loader: {_first_line(exc)}" + (f": {detail}" if detail else ""), file=sys.stderr)
-        return 1
-    if isinstance(exc, InvalidReferenceError | ValueError):
-        print(f"model-loader: {_first_line(exc)}", file=sys.stderr)
-        return 2
+        return 1, f"model-loader: {_first_line(exc)}" + (f": {detail}" if detail else "")
+    if isinstance(exc, InvalidReferenceError | _UsageError):
+        return 2, f"model-loader: {_first_line(exc)}"
     if isinstance(exc, CacheError):
-        print(f"model-loader: cache error: {_first_line(exc)}", file=sys.stderr)
-        return 3
+        return 3, f"model-loader: cache error: {_first_line(exc)}"
     if isinstance(exc, ModelLoaderError):
-        print(f"model-loader: {type(exc).__name__}: {_first_line(exc)}", file=sys.stderr)
-        return 1
-    print(f"model-loader: unexpected {type(exc).__name__}: {_first_line(exc)} (rerun with --debug)", file=sys.stderr)
-    return 1
+        return 1, f"model-loader: {type(exc).__name__}: {_first_line(exc)}"
+    return 1, f"model-loader: unexpected {type(exc).__name__}: {_first_line(exc)} (rerun with --debug)"
 
 
 def _first_line(exc: BaseException) -> str:
@@ -123,38 +351,55 @@ def _first_line(exc: BaseException) -> str:
     return text.splitlines()[0] if text else type(exc).__name__
 
 
-def _config(args: argparse.Namespace, **overrides: Any) -> LoaderConfig:
-    from model_loader.config import CacheConfig, LoaderConfig
+# -- commands ----------------------------------------------------------------------------------
 
-    base = LoaderConfig.from_env()
-    cache_changes: dict[str, Any] = {}
-    if getattr(args, "cache_dir", None) is not None:
-        cache_changes["dir"] = args.cache_dir
-    if getattr(args, "verify", None):
-        cache_changes["verify"] = args.verify
-    if cache_changes:
-        overrides["cache"] = CacheConfig(**{**base.cache.model_dump(), **cache_changes})
-    return LoaderConfig(**{**base.model_dump(), **overrides}) if overrides else base
+
+def _config(args: argparse.Namespace, **overrides: Any) -> LoaderConfig:
+    """``LoaderConfig.from_env`` with the command line's cache settings taking the variables' place."""
+    from model_loader.config import LoaderConfig
+
+    environ = dict(os.environ)
+    flags = {
+        "MODEL_LOADER_CACHE_DIR": getattr(args, "cache_dir", None),
+        "MODEL_LOADER_VERIFY": getattr(args, "verify", None),
+    }
+    for name, value in flags.items():
+        if value is not None:
+            for key in [k for k in environ if k.upper() == name]:
+                del environ[key]
+            environ[name] = os.fspath(value)
+    return LoaderConfig.from_env(environ, **overrides)
 
 
 def _fetch(args: argparse.Namespace) -> int:
-    from model_loader.loader import ResilientLoader
+    from model_loader._uri import parse_ref
 
+    refs = [parse_ref(uri) for uri in args.uris]  # bad input fails here, before anything heavy is imported
     overrides: dict[str, Any] = {}
     if args.timeout is not None:
         overrides["deadline"] = args.timeout
     if args.offline:
         overrides["offline"] = True
+    if args.require_verified:
+        overrides["require_verified"] = True
     if args.include:
         overrides["include"] = tuple(args.include)
     if args.exclude:
         overrides["exclude"] = tuple(args.exclude)
     config = _config(args, **overrides)
+    from model_loader.loader import ResilientLoader
+
     observer = _Progress() if (sys.stderr.isatty() and not args.no_progress and not args.quiet) else None
-    with ResilientLoader(args.uris, config=config, observer=observer) as loader:
+    with ResilientLoader(refs, config=config, observer=observer) as loader:
         result = loader.fetch()
     if args.json:
-        print(json.dumps(result.to_dict(), sort_keys=True))
+        import json
+
+        out = result.to_dict()
+        if result.failures:
+            secrets = _environment_secrets()
+            out["failures"] = [{"source": s, "error": redact(e, secrets)} for s, e in result.failures]
+        print(json.dumps(out, sort_keys=True))
     else:
         print(result.path)
     if result.degraded:
@@ -166,8 +411,9 @@ def _fetch(args: argparse.Namespace) -> int:
 
 
 def _cache(args: argparse.Namespace) -> int:
+    import json
+
     from model_loader._cache import DiskCache
-    from model_loader.config import parse_size
 
     config = _config(args)
     cache = DiskCache(config.cache.dir, max_size=config.cache.max_size, lock_timeout=config.cache.lock_timeout)
@@ -206,9 +452,9 @@ def _cache(args: argparse.Namespace) -> int:
             print(f"corrupt: {key}: {problem} (quarantined)")
         print(f"verified {len(cache.entries()) + len(problems)} entries: {len(problems)} corrupt")
         return 1 if problems else 0
-    limit = parse_size(args.max_size) if args.max_size else config.cache.max_size
+    limit = args.max_size if args.max_size is not None else config.cache.max_size
     if limit is None:
-        raise ValueError("cache prune needs --max-size or MODEL_LOADER_MAX_CACHE_SIZE")
+        raise _UsageError("cache prune needs --max-size or MODEL_LOADER_MAX_CACHE_SIZE")
     evicted = cache.prune(limit)
     for e in evicted:
         print(f"evicted {e.key[:12]} {e.version} ({_human(e.size)})")
@@ -225,42 +471,57 @@ def _human(n: float) -> str:
 
 
 class _Progress:
-    """A progress bar on stderr, fed by polling the staging directory's size."""
+    """A progress bar on stderr, fed with the bytes of a download as they arrive.
 
-    def __init__(self) -> None:
+    The loader calls :meth:`fetch_progress` from download threads; a drawing thread redraws
+    every ``interval`` seconds and once more when the download ends, so the bar ends on its
+    final count. Files on disk are never looked at (preallocated files would read as done).
+    """
+
+    def __init__(self, interval: float = 0.2) -> None:
+        self._interval = interval
+        self._lock = threading.Lock()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self._done = 0
+        self._expected: int | None = None
+        self._source = ""
+        self._start = 0.0
 
     def fetch_started(self, source: str, staging: Path, expected_bytes: int | None) -> None:
+        with self._lock:
+            self._done, self._expected, self._source, self._start = 0, expected_bytes, source, time.monotonic()
         self._stop.clear()
-        self._thread = threading.Thread(target=self._draw, args=(source, staging, expected_bytes), daemon=True)
+        self._thread = threading.Thread(target=self._run, name="model-loader-progress", daemon=True)
         self._thread.start()
+
+    def fetch_progress(self, source: str, nbytes: int) -> None:
+        with self._lock:
+            self._done += nbytes
 
     def fetch_finished(self, source: str) -> None:
         self._stop.set()
         if self._thread is not None:
             self._thread.join()
+            self._thread = None
         sys.stderr.write("\n")
+        sys.stderr.flush()
 
-    def _draw(self, source: str, staging: Path, expected: int | None) -> None:
-        start = time.monotonic()
+    def _run(self) -> None:
         last = False
         while not last:
-            last = self._stop.wait(0.2)  # one final draw after the download ends: the bar shows 100%
-            done = 0
-            for dirpath, _, names in os.walk(staging):
-                for name in names:
-                    try:
-                        done += os.stat(os.path.join(dirpath, name)).st_size
-                    except FileNotFoundError:
-                        continue  # the staging is being cleaned between attempts
-            rate = done / max(time.monotonic() - start, 1e-6)
-            if expected:
-                width = 30
-                filled = int(width * min(done / expected, 1.0))
-                bar = "#" * filled + "-" * (width - filled)
-                text = f"\r{source} [{bar}] {_human(done)}/{_human(expected)} {_human(rate)}/s"
-            else:
-                text = f"\r{source} {_human(done)} {_human(rate)}/s"
-            sys.stderr.write(text)
+            last = self._stop.wait(self._interval)  # a final draw after the end: the bar shows the total
+            sys.stderr.write(self._line())
             sys.stderr.flush()
+
+    def _line(self) -> str:
+        with self._lock:
+            done, expected, source, start = self._done, self._expected, self._source, self._start
+        rate = done / max(time.monotonic() - start, 1e-6)
+        if expected:
+            done = min(done, expected)  # a retried part counts twice; the bar never passes the total
+            width = 30
+            filled = int(width * done / expected)
+            bar = "#" * filled + "-" * (width - filled)
+            return f"\r{source} [{bar}] {_human(done)}/{_human(expected)} {_human(rate)}/s"
+        return f"\r{source} {_human(done)} {_human(rate)}/s"

@@ -6,11 +6,12 @@ Precedence: constructor arguments > :meth:`LoaderConfig.from_env` (prefix ``MODE
 
 from __future__ import annotations
 
+import math
 import os
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, TypeVar, cast
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator
 
@@ -57,7 +58,9 @@ Size = Annotated[int, BeforeValidator(parse_size)]
 
 
 class _Model(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid", validate_default=True)
+    # defer_build: the validator is generated on first validation, not at import; the light
+    # path of from_env (below) never needs it.
+    model_config = ConfigDict(frozen=True, extra="forbid", validate_default=True, defer_build=True)
 
 
 class RetryPolicy(_Model):
@@ -151,9 +154,7 @@ class LoaderConfig(_Model):
     @field_validator("sources", "include", "exclude", mode="before")
     @classmethod
     def _split(cls, value: Any) -> Any:
-        if isinstance(value, str):
-            return tuple(part.strip() for part in value.split(",") if part.strip())
-        return value
+        return _split_csv(value) if isinstance(value, str) else value
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> LoaderConfig:
@@ -176,12 +177,16 @@ class LoaderConfig(_Model):
         retry = {k[len("retry_") :]: env.pop(k) for k in list(env) if k.startswith("retry_")}
         if "source_deadline" in env:
             retry["source_deadline"] = env.pop("source_deadline")
-        cache = {key: env.pop(name) for name, key in _CACHE_KEYS.items() if name in env}
+        cache: dict[str, Any] = {key: env.pop(name) for name, key in _CACHE_KEYS.items() if name in env}
+        if environ is not None and "dir" not in cache:
+            cache["dir"] = default_cache_dir(environ)  # the given mapping only, never os.environ
+        try:
+            return _light_from_env(env, retry, cache, overrides)
+        except _Unsure:
+            pass  # pydantic validates and, if something is wrong, says what
         data: dict[str, Any] = {**env}
         if retry:
             data["retry"] = RetryPolicy(**retry)
-        if environ is not None and "dir" not in cache:
-            cache["dir"] = default_cache_dir(environ)  # the given mapping only, never os.environ
         if cache:
             data["cache"] = CacheConfig(**cache)
         data.update(overrides)
@@ -198,59 +203,208 @@ _CACHE_KEYS = {
 }
 
 
-def _read_env(environ: Mapping[str, str] | None) -> dict[str, Any]:
-    """``MODEL_LOADER_*`` variables, read by pydantic-settings (imported only here).
+_PREFIX = "MODEL_LOADER_"
 
-    With ``environ=None`` pydantic-settings reads the process environment itself; a given
-    mapping is used instead of it, never merged with it.
+
+def _env_names() -> set[str]:
+    """Every ``MODEL_LOADER_<NAME>`` suffix, lower case: the top-level fields, the cache keys, retry's two."""
+    top = set(LoaderConfig.model_fields) - {"retry", "cache"}
+    return top | set(_CACHE_KEYS) | {"retry_attempts", "source_deadline"}
+
+
+def _read_env(environ: Mapping[str, str] | None) -> dict[str, str]:
+    """The ``MODEL_LOADER_*`` variables this module knows, as ``{lower-case suffix: text}``.
+
+    Names are matched case-insensitively. With ``environ=None`` the process environment is
+    read; a given mapping is used instead of it, never merged with it.
     """
-    from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+    env = os.environ if environ is None else environ
+    names = _env_names()
+    found: dict[str, str] = {}
+    for name, value in env.items():
+        if name[: len(_PREFIX)].upper() == _PREFIX:
+            key = name[len(_PREFIX) :].lower()
+            if key in names:
+                found[key] = value
+    return found
 
-    use_process_env = environ is None
 
-    class _Env(BaseSettings):
-        model_config = SettingsConfigDict(env_prefix="MODEL_LOADER_", extra="ignore", case_sensitive=False)
-        sources: str | None = None
-        cache_dir: str | None = None
-        max_cache_size: str | None = None
-        verify: str | None = None
-        connect_timeout: str | None = None
-        read_timeout: str | None = None
-        deadline: str | None = None
-        offline: str | None = None
-        max_concurrency: str | None = None
-        include: str | None = None
-        exclude: str | None = None
-        fallback_versions: str | None = None
-        resolve_ttl: str | None = None
-        resolve_timeout: str | None = None
-        require_verified: str | None = None
-        allow_local_artifacts: str | None = None
-        retry_attempts: str | None = None
-        source_deadline: str | None = None
-        lock_timeout: str | None = None
-        min_free: str | None = None
-        memory_items: str | None = None
+# -- the light path --------------------------------------------------------------------------
+#
+# Building these models the first time costs pydantic's schema generation (tens of ms, most of
+# a warm ``model-loader fetch``). ``from_env`` therefore checks the values itself first, using
+# the rules below, and builds the models with ``model_construct`` when every value is in a plain,
+# canonical form that pydantic would accept and convert the same way. Anything else (a value out
+# of range, "1e3", " 5", an unknown field) is left to pydantic, so errors and their messages are
+# always pydantic's. tests/test_cli.py checks that both paths agree on a corpus of inputs.
 
-        @classmethod
-        def settings_customise_sources(
-            cls,
-            settings_cls: type[BaseSettings],
-            init_settings: PydanticBaseSettingsSource,
-            env_settings: PydanticBaseSettingsSource,
-            dotenv_settings: PydanticBaseSettingsSource,
-            file_secret_settings: PydanticBaseSettingsSource,
-        ) -> tuple[PydanticBaseSettingsSource, ...]:
-            return (env_settings,) if use_process_env else (init_settings,)
 
-    if use_process_env:
-        parsed = _Env()
-    else:
-        assert environ is not None
-        prefix = "MODEL_LOADER_"
-        values = {k[len(prefix) :].lower(): v for k, v in environ.items() if k.upper().startswith(prefix)}
-        parsed = _Env.model_validate({k: v for k, v in values.items() if k in _Env.model_fields})
-    return {k: v for k, v in parsed.model_dump().items() if v is not None}
+class _Unsure(Exception):
+    """A value the light path leaves to pydantic, which accepts it or names the problem."""
+
+
+_INT_TEXT = re.compile(r"[0-9]{1,18}")
+_FLOAT_TEXT = re.compile(r"[0-9]{1,15}(?:\.[0-9]{1,15})?")
+_TRUE = frozenset({"1", "on", "t", "true", "y", "yes"})
+_FALSE = frozenset({"0", "off", "f", "false", "n", "no"})
+_Check = Callable[[Any], Any]
+
+
+def _number(
+    kind: type[int] | type[float], *, gt: float | None = None, ge: float | None = None, le: float | None = None
+) -> _Check:
+    text = _INT_TEXT if kind is int else _FLOAT_TEXT
+
+    def check(value: Any) -> Any:
+        if isinstance(value, str) and text.fullmatch(value):
+            number: float = kind(value)
+        elif type(value) is int or (kind is float and type(value) is float and math.isfinite(value)):
+            number = kind(value)
+        else:
+            raise _Unsure
+        if (gt is not None and not number > gt) or (ge is not None and not number >= ge):
+            raise _Unsure
+        if le is not None and not number <= le:
+            raise _Unsure
+        return number
+
+    return check
+
+
+def _flag(value: Any) -> bool:
+    if type(value) is bool:
+        return value
+    if isinstance(value, str):
+        low = value.lower()
+        if low in _TRUE or low in _FALSE:
+            return low in _TRUE
+    raise _Unsure
+
+
+def _strings(value: Any) -> tuple[str, ...]:
+    if isinstance(value, str):
+        return _split_csv(value)
+    if isinstance(value, tuple | list) and all(type(v) is str for v in value):
+        return tuple(value)
+    raise _Unsure
+
+
+def _verify(value: Any) -> str:
+    if value in ("fast", "full") and type(value) is str:
+        return str(value)
+    raise _Unsure
+
+
+def _size(value: Any) -> int:
+    if type(value) is int and value >= 0:
+        return value
+    if not isinstance(value, str):
+        raise _Unsure
+    try:
+        return parse_size(value)
+    except ValueError:
+        raise _Unsure from None
+
+
+def _optional_size(value: Any) -> int | None:
+    return None if value is None else _size(value)
+
+
+def _directory(value: Any) -> Path:
+    if isinstance(value, str | os.PathLike) and os.fspath(value):
+        return Path(value).expanduser()
+    raise _Unsure
+
+
+def _split_csv(text: str) -> tuple[str, ...]:
+    return tuple(part.strip() for part in text.split(",") if part.strip())
+
+
+def _light_from_env(
+    env: dict[str, str], retry: dict[str, str], cache: dict[str, Any], overrides: dict[str, Any]
+) -> LoaderConfig:
+    """What ``from_env`` builds, without pydantic's validator; raises ``_Unsure`` to defer to it."""
+    data: dict[str, Any] = dict(env)
+    if retry:
+        data["retry"] = _light(RetryPolicy, retry)
+    if cache:
+        data["cache"] = _light(CacheConfig, cache)
+    data.update(overrides)
+    return _light(LoaderConfig, data)
+
+
+_M = TypeVar("_M", bound=_Model)
+
+
+def _light(model: type[_M], given: Mapping[str, Any]) -> _M:
+    checks = _CHECKS[model]
+    values: dict[str, Any] = {}
+    for name, value in given.items():
+        check = checks.get(name)
+        if check is None:
+            raise _Unsure  # not a field: pydantic names it
+        values[name] = check(value)
+    fields_set = set(values)
+    for name, info in model.model_fields.items():
+        if name in values:
+            continue
+        if name not in checks:
+            raise _Unsure  # a field the light path does not know yet: pydantic builds it all
+        factory = info.default_factory
+        if factory is None:
+            values[name] = checks[name](info.default)  # validate_default=True
+        elif factory is RetryPolicy or factory is CacheConfig:
+            values[name] = _light(factory, {})
+        else:
+            values[name] = checks[name](factory())  # type: ignore[call-arg]
+    return cast(_M, model.model_construct(fields_set, **values))  # the plugin types it as the base class
+
+
+def _nested(model: type[_Model]) -> _Check:
+    def check(value: Any) -> Any:
+        if type(value) is model:
+            return value  # already validated (pydantic does not validate instances again)
+        if isinstance(value, Mapping):
+            return _light(model, value)
+        raise _Unsure
+
+    return check
+
+
+_CHECKS: dict[type[_Model], dict[str, _Check]] = {
+    RetryPolicy: {
+        "attempts": _number(int, ge=1, le=100),
+        "initial_backoff": _number(float, ge=0),
+        "max_backoff": _number(float, ge=0),
+        "jitter": _number(float, ge=0),
+        "source_deadline": _number(float, gt=0),
+    },
+    CacheConfig: {
+        "dir": _directory,
+        "max_size": _optional_size,
+        "verify": _verify,
+        "lock_timeout": _number(float, gt=0),
+        "min_free": _size,
+        "memory_items": _number(int, ge=0),
+    },
+    LoaderConfig: {
+        "sources": _strings,
+        "connect_timeout": _number(float, gt=0),
+        "read_timeout": _number(float, gt=0),
+        "deadline": _number(float, gt=0),
+        "resolve_timeout": _number(float, gt=0),
+        "offline": _flag,
+        "max_concurrency": _number(int, ge=1, le=256),
+        "include": _strings,
+        "exclude": _strings,
+        "fallback_versions": _number(int, ge=0, le=100),
+        "resolve_ttl": _number(float, ge=0),
+        "require_verified": _flag,
+        "allow_local_artifacts": _flag,
+        "retry": _nested(RetryPolicy),
+        "cache": _nested(CacheConfig),
+    },
+}
 
 
 def validation_message(exc: ValidationError) -> str:

@@ -2,13 +2,22 @@
 
 Sources are found through the ``model_loader.sources`` entry-point group
 (``scheme = "pkg.module:Class"``); the built-ins are declared there too and also listed
-here so a source checkout works uninstalled. Entry points are read on the first lookup,
-never at import, and only the requested scheme's module is imported.
+here so a source checkout works uninstalled. Only the requested scheme's module is imported.
+
+The rule for looking a scheme up, cheapest first:
+
+1. a scheme passed to :func:`register_source` (which is how a built-in is replaced:
+   ``clobber=True``);
+2. a built-in scheme (``file``, ``s3``, ``models``): no entry points are read, which keeps
+   ``model-loader fetch`` fast; an entry point naming a built-in scheme is ignored, with a
+   WARNING when discovery runs;
+3. any other scheme: the entry points are read once (on that first lookup, never at import).
 """
 
 from __future__ import annotations
 
 import importlib
+import logging
 import threading
 from dataclasses import dataclass
 
@@ -19,6 +28,8 @@ from model_loader.protocol import ModelSource, SourceSettings
 __all__ = ["create_source", "get_source_class", "known_schemes", "register_source"]
 
 ENTRY_POINT_GROUP = "model_loader.sources"
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True, slots=True)
@@ -50,12 +61,21 @@ def _discover() -> None:
     with _lock:
         if _discovered:
             return
-        found = {ep.name: _Entry(ep.value) for ep in entry_points(group=ENTRY_POINT_GROUP)}
-        for scheme, entry in found.items():
+        for ep in entry_points(group=ENTRY_POINT_GROUP):
+            scheme = ep.name.lower()
             builtin = _BUILTINS.get(scheme)
-            if builtin is not None and builtin.target == entry.target:
-                continue  # keep the built-in's install hint
-            _registry.setdefault(scheme, entry)
+            if builtin is not None:
+                if builtin.target != ep.value:
+                    logger.warning(
+                        "entry point %s = %s ignored: %r is a built-in scheme; replace it with "
+                        "register_source(%r, ..., clobber=True)",
+                        ep.name,
+                        ep.value,
+                        scheme,
+                        scheme,
+                    )
+                continue
+            _registry.setdefault(scheme, _Entry(ep.value))
         _discovered = True
 
 
@@ -92,10 +112,10 @@ def get_source_class(scheme: str) -> type:
         MissingDependencyError: The module (or an SDK it needs) cannot be imported.
     """
     scheme = scheme.lower()
-    entry = _registry.get(scheme)
+    entry = _registry.get(scheme) or _BUILTINS.get(scheme)
     if entry is None:
         _discover()
-        entry = _registry.get(scheme) or _BUILTINS.get(scheme)
+        entry = _registry.get(scheme)
     if entry is None:
         raise UnknownSchemeError(
             f"no source registered for scheme {scheme!r}; known: {', '.join(sorted(known_schemes()))}"
