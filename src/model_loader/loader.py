@@ -37,6 +37,7 @@ from model_loader.errors import (
     SourceUnavailableError,
     StaleResolutionError,
 )
+from model_loader.lockfile import LockedModel
 from model_loader.protocol import FetchObserver, ModelSource, SourceSettings, SupportsVersionHistory
 from model_loader.registry import create_source
 
@@ -174,6 +175,7 @@ class ResilientLoader:
             self.close()
             raise
         self.last_result: FetchResult | None = None
+        self.locked: LockedModel | None = None
         self._lock = threading.Lock()
         self._recent: OrderedDict[LoaderFn | None, tuple[float, LoadedModel]] = OrderedDict()
         self._serving: dict[str, str] = {}  # source uri -> cache key it serves now
@@ -187,6 +189,22 @@ class ResilientLoader:
             return SourceSpec(source, parsed, owned=False)
         parsed = item if isinstance(item, ModelRef) else parse_ref(item)
         return SourceSpec(create_source(parsed, self._settings), parsed, owned=True)
+
+    @classmethod
+    def from_lock(cls, locked: LockedModel, **kwargs: Any) -> ResilientLoader:
+        """A loader that serves exactly the version recorded in a lock file, or fails.
+
+        Served from the cache when it holds that version (no network), else from the
+        sources, asking for the recorded version itself where the reference can name it;
+        checked against the recorded digest either way. Keyword arguments as for the
+        constructor (``config``, ``loader_fn``...).
+
+        Raises (from fetch/load):
+            IntegrityError: The sources no longer have that version, or different bytes.
+        """
+        loader = cls(list(locked.sources), **kwargs)
+        loader.locked = locked
+        return loader
 
     @property
     def sources(self) -> tuple[str, ...]:
@@ -274,6 +292,8 @@ class ResilientLoader:
 
     def _run_once(self, fn: LoaderFn | None) -> LoadedModel:
         load = _Load(self.config)
+        if self.locked is not None:
+            return self._serve_locked(self.locked, fn, load)
         if self.config.offline:
             served = self._serve_cached(fn, load, offline=True)
             if isinstance(served, LoadedModel):
@@ -299,7 +319,9 @@ class ResilientLoader:
         logger.error("every source failed: %s", "; ".join(f"{u}: {type(e).__name__}" for u, e in load.failures))
         raise AllSourcesFailedError(f"every source failed and nothing cached could be served ({note})", load.failures)
 
-    def _from_source(self, spec: SourceSpec, fn: LoaderFn | None, load: _Load, fallback: bool) -> LoadedModel:
+    def _from_source(
+        self, spec: SourceSpec, fn: LoaderFn | None, load: _Load, fallback: bool, expect: LockedModel | None = None
+    ) -> LoadedModel:
         budget = load.deadline.narrow(self.config.retry.source_deadline, what=f"the source deadline of {spec.uri}")
         resolve_budget = (
             budget.narrow(self.config.resolve_timeout, what=f"the {self.config.resolve_timeout:g}s resolve budget")
@@ -309,6 +331,13 @@ class ResilientLoader:
         t0 = time.monotonic()
         resolved = self._retry(lambda: spec.source.resolve(spec.ref), resolve_budget, spec, "resolve", load)
         t_resolve = time.monotonic() - t0
+        if expect is not None:
+            if resolved.version != expect.version:
+                raise IntegrityError(
+                    f"{spec.uri} resolves to {resolved.version}, the lock file says {expect.version}, which this "
+                    "reference cannot name (pin it, or lock again)"
+                )
+            return self._serve(spec, resolved, fn, load, t_resolve, budget, expect)
         candidates: list[ResolvedModel] = [resolved]
         errors: list[BaseException] = []
         history_checked = False
@@ -345,8 +374,9 @@ class ResilientLoader:
         load: _Load,
         t_resolve: float,
         budget: Deadline,
+        expect: LockedModel | None = None,
     ) -> LoadedModel:
-        memo = self.memory.get((resolved.cache_key, fn)) if fn is not None else None
+        memo = self.memory.get((resolved.cache_key, fn)) if fn is not None and expect is None else None
         if memo is not None:  # loaded before: no disk, no deserialization
             result = dataclasses.replace(
                 memo.result,
@@ -364,12 +394,18 @@ class ResilientLoader:
             return LoadedModel(memo.model, result)
         t0 = time.monotonic()
         try:
-            hit = self._materialize(spec, resolved, budget, load)
+            hit = self._materialize(spec, resolved, budget, load, expect)
         except StaleResolutionError:
+            if expect is not None:
+                raise
             logger.warning("%s changed while fetching %s; resolving again", spec.uri, resolved.version)
             resolved = self._retry(lambda: spec.source.resolve(spec.ref), budget, spec, "resolve", load)
             hit = self._materialize(spec, resolved, budget, load)
         entry = hit.entry
+        if expect is not None and entry.digest != expect.digest:
+            raise IntegrityError(
+                f"{spec.uri} version {entry.version} has digest {entry.digest}, locked {expect.digest}"
+            )
         if self.config.require_verified and not entry.verified:
             unverified = [f.path for f in entry.manifest.files if not f.verified][:3]
             raise IntegrityError(
@@ -442,7 +478,14 @@ class ResilientLoader:
         timings = dataclasses.replace(result.timings, total=time.monotonic() - load.start)
         return LoadedModel(memo.model, dataclasses.replace(result, timings=timings))
 
-    def _materialize(self, spec: SourceSpec, resolved: ResolvedModel, budget: Deadline, load: _Load) -> CacheHit:
+    def _materialize(
+        self,
+        spec: SourceSpec,
+        resolved: ResolvedModel,
+        budget: Deadline,
+        load: _Load,
+        expect: LockedModel | None = None,
+    ) -> CacheHit:
         """The verified cache entry for ``resolved``, fetched (resumably) if needed."""
         observer = self._observer
         progress_fn = getattr(observer, "fetch_progress", None)
@@ -456,14 +499,50 @@ class ResilientLoader:
             if observer is not None:
                 observer.fetch_started(spec.uri, staging.files_dir, expected)
             try:
-                return self._retry(
+                manifest = self._retry(
                     lambda: staging.attempt(spec.source, resolved), budget, spec, "fetch", load, staging=staging
                 )
             finally:
                 if observer is not None:
                     observer.fetch_finished(spec.uri)
+            if expect is not None and manifest.digest != expect.digest:
+                raise IntegrityError(  # before publishing: these bytes never reach the cache
+                    f"{spec.uri} version {resolved.version} has digest {manifest.digest}, locked {expect.digest}"
+                )
+            return manifest
 
         return self.cache.fill(resolved, fill, deadline=budget, source=spec.uri, progress=progress)
+
+    def _serve_locked(self, locked: LockedModel, fn: LoaderFn | None, load: _Load) -> LoadedModel:
+        """The version a lock file records: from the cache, else from a source that can
+        deliver exactly it; the digest checked either way."""
+        spec = next((s for s in self._specs if s.uri == locked.source), self._specs[0])
+        entry, problem = self.cache.get(locked.cache_key, deadline=load.deadline)
+        if entry is not None and entry.digest == locked.digest:
+            result = self._result(spec, entry, load, Timings(), from_cache=True, offline=self.config.offline)
+            return self._deserialize(fn, result, entry, load) if fn is not None else LoadedModel(None, result)
+        if entry is not None:
+            raise IntegrityError(
+                f"the cache holds {locked.version} with digest {entry.digest}, the lock file says {locked.digest}"
+            )
+        if self.config.offline:
+            raise AllSourcesFailedError(
+                f"offline mode: the locked version {locked.version} is not in the cache ({problem or 'absent'})", []
+            )
+        for spec in self._specs:
+            if spec.source.identity != locked.identity:
+                continue
+            target = spec
+            if locked.pinned:
+                target = SourceSpec(spec.source, parse_ref(locked.pinned, check_scheme=False), owned=False)
+            try:
+                out = self._from_source(target, fn, load, fallback=False, expect=locked)
+            except (SourceError, IntegrityError, DeserializationError) as exc:
+                load.failed(spec.uri, exc)
+                logger.warning("source %s cannot serve locked %s: %s", spec.uri, locked.version, exc)
+                continue
+            return LoadedModel(out.model, dataclasses.replace(out.result, source=spec.uri, ref=spec.ref))
+        raise AllSourcesFailedError(f"no source served the locked version {locked.version}", load.failures)
 
     def _lkg_key(self, spec: SourceSpec) -> str | None:
         record = self.cache.read_ref(spec.source.identity, spec.ref.uri)
