@@ -14,6 +14,13 @@ probability ``rate`` from ``kinds``:
 - ``"truncate"``: headers with the full Content-Length, half the body, then the
   connection closes (a body cut short).
 - ``"corrupt"``: the full body with its first byte flipped.
+- ``"substitute"``: the body replaced by the same range of ``payload`` (another object's
+  bytes of the same length): sizes, headers and ETag unchanged.
+- ``"rewrite"``: the body passed through ``payload(body) -> body`` (a malformed listing).
+- ``"trickle"``: the whole response, status line and headers included, one byte every
+  ``trickle_interval`` seconds; ``"trickle_body"``: headers at once, then the body so.
+
+:class:`BlackHole` is a listener that accepts connections and never reads or answers.
 
 It can also shape traffic like a wide-area link: ``latency`` seconds before each request
 is forwarded and at most ``bandwidth`` bytes/s per response body (per connection, as on
@@ -37,6 +44,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import unquote, urlsplit
 
 ALL_KINDS = ("500", "503", "reset", "stall", "stall_body", "truncate")
+SCRIPTED_KINDS = (*ALL_KINDS, "403", "corrupt", "substitute", "rewrite", "trickle", "trickle_body")
+_BUFFERED = ("substitute", "rewrite", "trickle", "trickle_body")  # need the whole upstream body first
 _HOP_BY_HOP = {"connection", "keep-alive", "proxy-connection", "transfer-encoding", "te", "trailer", "upgrade"}
 _ERRORS = {
     "500": (500, "InternalError", "We encountered an internal error. Please try again."),
@@ -59,11 +68,15 @@ class Seen:
 Match = Callable[[Seen], bool]
 
 
+Payload = bytes | Callable[[bytes], bytes] | None
+
+
 @dataclass
 class _Script:
     kind: str
     count: int
     match: Match | None
+    payload: Payload = None
 
 
 @dataclass
@@ -77,6 +90,7 @@ class FaultProxy:
         seed: Seed of the random draws.
         only: Restrict random faults to requests this predicate accepts.
         stall_seconds: Longest a stall lasts if the client does not give up first.
+        trickle_interval: Seconds between two bytes of a trickle.
     """
 
     upstream: str
@@ -85,6 +99,7 @@ class FaultProxy:
     seed: int = 0
     only: Match | None = None
     stall_seconds: float = 10.0
+    trickle_interval: float = 1.0
     latency: float = 0.0
     bandwidth: float | None = None
     seen: list[Seen] = field(default_factory=list)
@@ -133,12 +148,17 @@ class FaultProxy:
     def __exit__(self, *exc: object) -> None:
         self.stop()
 
-    def inject(self, kind: str, count: int = 1, match: Match | None = None) -> None:
-        """Give the next ``count`` requests accepted by ``match`` the fault ``kind``."""
-        if kind not in (*ALL_KINDS, "403", "corrupt"):
+    def inject(self, kind: str, count: int = 1, match: Match | None = None, payload: Payload = None) -> None:
+        """Give the next ``count`` requests accepted by ``match`` the fault ``kind``.
+
+        ``payload``: the substitute bytes (``"substitute"``) or the body rewriter (``"rewrite"``).
+        """
+        if kind not in SCRIPTED_KINDS:
             raise ValueError(f"unknown fault {kind!r}")
+        if (kind == "substitute") != isinstance(payload, bytes) or (kind == "rewrite") != callable(payload):
+            raise ValueError(f"fault {kind!r}: wrong payload {type(payload).__name__}")
         with self._lock:
-            self._scripts.append(_Script(kind, count, match))
+            self._scripts.append(_Script(kind, count, match, payload))
 
     def clear(self) -> None:
         """Stop injecting: drop scripted faults and set the random rate to 0."""
@@ -160,13 +180,13 @@ class FaultProxy:
 
     # -- used by the handler -----------------------------------------------------------
 
-    def _choose(self, probe: Seen) -> str | None:
+    def _choose(self, probe: Seen) -> tuple[str | None, Payload]:
         with self._lock:
-            fault = None
+            fault, payload = None, None
             for script in self._scripts:
                 if script.count > 0 and (script.match is None or script.match(probe)):
                     script.count -= 1
-                    fault = script.kind
+                    fault, payload = script.kind, script.payload
                     break
             eligible = fault is None and self.rate > 0 and (self.only is None or self.only(probe))
             if eligible and self._rng.random() < self.rate:
@@ -174,7 +194,7 @@ class FaultProxy:
             self.seen.append(Seen(probe.method, probe.path, probe.query, probe.range, fault))
             if fault is not None:
                 self.faults[fault] += 1
-            return fault
+            return fault, payload
 
 
 class _QuietServer(ThreadingHTTPServer):
@@ -204,7 +224,7 @@ class _Handler(BaseHTTPRequestHandler):
         body = self.rfile.read(length) if length else b""
         parts = urlsplit(self.path)
         probe = Seen(self.command, unquote(parts.path), parts.query, self.headers.get("Range"), None)
-        fault = self.proxy._choose(probe)
+        fault, payload = self.proxy._choose(probe)
         if fault == "reset":
             self._reset()
             return
@@ -219,7 +239,7 @@ class _Handler(BaseHTTPRequestHandler):
             self.proxy.before_forward(probe)
         if self.proxy.latency:
             self.proxy._stop.wait(self.proxy.latency)
-        self._forward(body, fault)
+        self._forward(body, fault, payload)
 
     def _reset(self) -> None:
         self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
@@ -238,7 +258,7 @@ class _Handler(BaseHTTPRequestHandler):
         if self.command != "HEAD":
             self.wfile.write(payload)
 
-    def _forward(self, body: bytes, fault: str | None) -> None:
+    def _forward(self, body: bytes, fault: str | None, payload: Payload = None) -> None:
         proxy = self.proxy
         conn = http.client.HTTPConnection(proxy._up_host, proxy._up_port, timeout=60)
         try:
@@ -246,6 +266,9 @@ class _Handler(BaseHTTPRequestHandler):
             conn.request(self.command, self.path, body=body or None, headers=headers)
             resp = conn.getresponse()
             out_headers = [(k, v) for k, v in resp.getheaders() if k.lower() not in _HOP_BY_HOP]
+            if fault in _BUFFERED:
+                self._send_altered(resp, out_headers, fault, payload)
+                return
             if self.command == "HEAD":
                 self.send_response(resp.status)
                 for k, v in out_headers:
@@ -292,3 +315,88 @@ class _Handler(BaseHTTPRequestHandler):
             self.close_connection = True  # the client went away (it timed out, or stopped reading)
         finally:
             conn.close()
+
+    def _send_altered(
+        self, resp: http.client.HTTPResponse, headers: list[tuple[str, str]], fault: str | None, payload: Payload
+    ) -> None:
+        """Send a response whose body was read whole first: substituted, rewritten or trickled."""
+        data = b"" if self.command == "HEAD" else resp.read()
+        if fault == "substitute" and isinstance(payload, bytes):
+            start = 0
+            content_range = resp.getheader("Content-Range")  # "bytes a-b/total"
+            if content_range:
+                start = int(content_range.split()[1].split("-")[0])
+            data = payload[start : start + len(data)]
+        elif fault == "rewrite" and callable(payload):
+            data = payload(data)
+        headers = [(k, v) for k, v in headers if k.lower() != "content-length"]
+        if self.command != "HEAD" or fault == "rewrite":
+            headers.append(("Content-Length", str(len(data))))
+        else:
+            headers.append(("Content-Length", resp.getheader("Content-Length") or "0"))
+        head = f"HTTP/1.1 {resp.status} {resp.reason}\r\n".encode("latin-1")
+        head += b"".join(f"{k}: {v}\r\n".encode("latin-1") for k, v in headers) + b"\r\n"
+        if fault == "trickle":
+            self._trickle(head + data)
+        elif fault == "trickle_body":
+            self.wfile.write(head)
+            self.wfile.flush()
+            self._trickle(data)
+        else:
+            self.wfile.write(head + data)
+        self.close_connection = True
+
+    def _trickle(self, data: bytes) -> None:
+        """One byte every ``trickle_interval`` seconds, until done, the client leaves or the proxy stops."""
+        for i in range(len(data)):
+            self.wfile.write(data[i : i + 1])
+            self.wfile.flush()
+            if self.proxy._stop.wait(self.proxy.trickle_interval):
+                return
+
+
+class BlackHole:
+    """A TCP listener on 127.0.0.1 that accepts connections and never reads or answers.
+
+    Connections stay open until :meth:`stop`; the kernel completes the handshake, so a
+    client's connect succeeds and it waits for an answer that never comes.
+    """
+
+    def __init__(self) -> None:
+        self._listener = socket.create_server(("127.0.0.1", 0))
+        self._listener.settimeout(0.05)
+        self._held: list[socket.socket] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._accept, name="black-hole", daemon=True)
+        self.accepted = 0
+
+    @property
+    def url(self) -> str:
+        host, port = self._listener.getsockname()[:2]
+        return f"http://{host}:{port}"
+
+    def start(self) -> BlackHole:
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=10)
+        for conn in self._held:
+            conn.close()
+        self._listener.close()
+
+    def __enter__(self) -> BlackHole:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def _accept(self) -> None:
+        while not self._stop.is_set():
+            try:
+                conn, _ = self._listener.accept()
+            except (TimeoutError, OSError):
+                continue
+            self._held.append(conn)
+            self.accepted += 1

@@ -16,6 +16,7 @@ from model_loader.errors import (
     CacheError,
     IntegrityError,
     InvalidReferenceError,
+    InvalidResponseError,
     ModelLoaderError,
     ModelNotFoundError,
     SourceError,
@@ -24,7 +25,7 @@ from model_loader.errors import (
     StaleResolutionError,
 )
 
-__all__ = ["map_errors", "translate"]
+__all__ = ["disk_error", "map_errors", "translate"]
 
 _NOT_FOUND = frozenset({"NoSuchBucket", "NoSuchKey", "NoSuchVersion", "NotFound", "404"})
 _DENIED = frozenset(
@@ -92,6 +93,8 @@ def translate(exc: BaseException, what: str, uri: str) -> ModelLoaderError | Non
         return AccessDeniedError(f"{what}: no usable AWS credentials: {exc}", **kw)
     if isinstance(exc, bce.ParamValidationError):
         return InvalidReferenceError(f"{what}: {exc}")
+    if type(exc).__name__ == "ResponseParserError":  # botocore.parsers: XML that does not parse
+        return InvalidResponseError(f"{what}: malformed response: {exc}", **kw)
     if isinstance(exc, (bce.HTTPClientError, bce.ConnectionError, bce.IncompleteReadError)):
         return SourceUnavailableError(text, **kw)
     if isinstance(exc, bce.BotoCoreError):
@@ -127,9 +130,19 @@ def _transport_error(exc: BaseException, text: str, kw: dict[str, str]) -> Model
         return SourceTimeoutError(text, **kw)
     if isinstance(exc, (ConnectionError, Urllib3Error, http.client.HTTPException)):
         return SourceUnavailableError(text, **kw)
-    if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+    if isinstance(exc, OSError) and exc.errno in _NO_SPACE:
         return CacheError(f"no space left while writing the model: {exc.strerror}")
     return None
+
+
+_NO_SPACE = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+
+
+def disk_error(exc: OSError, what: str) -> CacheError:
+    """The error for a failed write (or read-back) in the staging directory: the cache's, never the source's."""
+    if exc.errno in _NO_SPACE:
+        return CacheError(f"no space left while {what}: {exc.strerror}")
+    return CacheError(f"cannot write the model while {what}: {exc.strerror or exc}")
 
 
 @contextmanager

@@ -10,7 +10,9 @@ roles; ``AWS_ENDPOINT_URL_S3`` / ``AWS_ENDPOINT_URL``; the region.
 VersionId) listing. ``s3://bucket/key`` is the single object ``key`` when that key
 exists, else the prefix ``key/``. ``?versionId=`` pins one object; ``?include=`` and
 ``?exclude=`` take comma-separated globs. ``fetch`` downloads exactly what was pinned, in
-parallel, with bounded memory; see :mod:`model_loader.sources._s3_transfer`.
+parallel, with bounded memory, verifying every byte it can; see
+:mod:`model_loader.sources._s3_transfer`. Every request spends from
+``Deadline.current()`` (:mod:`model_loader.sources._s3_deadline`).
 """
 
 from __future__ import annotations
@@ -21,22 +23,26 @@ import os
 import threading
 import time
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 from urllib.parse import urlsplit
 
+from model_loader._deadline import Deadline, FetchContext
 from model_loader._io import is_selected, safe_relpath
 from model_loader._types import FileEntry, Manifest, ModelRef, ResolvedModel
 from model_loader.errors import (
     IntegrityError,
     InvalidReferenceError,
+    InvalidResponseError,
     MissingDependencyError,
     ModelNotFoundError,
     SourceError,
 )
 from model_loader.protocol import SourceCapabilities, SourceSettings
-from model_loader.sources._s3_errors import map_errors
+from model_loader.sources._s3_deadline import RequestGuard
+from model_loader.sources._s3_errors import disk_error, map_errors
+from model_loader.sources._s3_listing import MAX_OBJECTS, S3Object, list_page, object_from_head, versions_page
+from model_loader.sources._s3_requests import Runner
 from model_loader.sources._s3_transfer import MiB, ObjectSpec, RangeSplit, TransferOptions, download
 
 if TYPE_CHECKING:
@@ -54,14 +60,7 @@ DEFAULT_MULTIPART_THRESHOLD = 2 * DEFAULT_PART_SIZE
 
 _PARAMS = ("include", "exclude")
 _LIST_PAGE_SIZE = 1000  # S3's maximum
-
-
-@dataclass(frozen=True, slots=True)
-class _Object:
-    key: str
-    size: int
-    etag: str
-    version_id: str | None = None
+_NAME_MAX = 255  # bytes in one path component on every common filesystem (ext4, xfs, btrfs, APFS, NTFS)
 
 
 def _pin(etag: str, version_id: str | None) -> str:
@@ -116,13 +115,16 @@ class S3Source:
             ``"off"`` never does.
         include: Globs of relative paths to fetch (empty: all); ``*`` crosses ``/``.
         exclude: Globs of relative paths to skip.
-        verify_checksums: Check the CRC32/SHA-1/SHA-256 checksum S3 stores with an
-            object, when it has one.
-        request_attempts: Tries per object or ranged part within one fetch, for failures
-            that come fast (5xx, SlowDown, resets, bodies cut short); the retry resumes at
-            the last byte written. Timeouts and permanent errors are never retried here.
+        verify_checksums: Check every object's bytes end to end: against the checksum S3
+            stores with it, else its ETag (the MD5, or the MD5 of the parts' MD5s); see
+            docs/s3.md for what cannot be checked. Off: sizes only.
+        request_attempts: Tries per request (a listing page, a HEAD, an object or ranged
+            part) within one resolve or fetch, for failures that come fast (5xx, SlowDown,
+            resets, bodies cut short, malformed answers); a GET resumes at the last byte
+            written. Timeouts and permanent errors are never retried here, and a per-source
+            quota stops re-issuing when the store fails more than it succeeds.
         request_backoff: Seconds before the first such retry (doubling, full jitter, at
-            most 2 s).
+            most 2 s, never past the deadline).
         addressing_style: ``"path"`` or ``"virtual"`` bucket addressing (default: boto3's).
 
     Example:
@@ -132,7 +134,7 @@ class S3Source:
 
     scheme: ClassVar[str] = "s3"
     capabilities: ClassVar[SourceCapabilities] = SourceCapabilities(
-        remote=True, immutable_versions=False, version_history=False
+        remote=True, immutable_versions=False, version_history=False, resumable=True
     )
 
     def __init__(
@@ -152,7 +154,7 @@ class S3Source:
         include: Sequence[str] = (),
         exclude: Sequence[str] = (),
         verify_checksums: bool = True,
-        request_attempts: int = 3,
+        request_attempts: int = 5,
         request_backoff: float = 0.1,
         addressing_style: str | None = None,
     ) -> None:
@@ -186,6 +188,9 @@ class S3Source:
                 endpoint_url, region, profile, session, connect_timeout, read_timeout, max_concurrency, addressing_style
             )
         self._client: S3Client = client
+        self._guard = RequestGuard()
+        self._guard.install(client)
+        self._runner = Runner(self._guard, request_attempts, request_backoff)
         self._identity = _identity(endpoint_url or client.meta.endpoint_url)
         self._closed = False
         self._close_lock = threading.Lock()
@@ -255,26 +260,26 @@ class S3Source:
             AccessDeniedError: The credentials were refused.
             SourceUnavailableError: The store could not be reached or answered 5xx.
         """
+        deadline = Deadline.current()
         self._check_open()
         if ref.scheme != "s3":
             raise InvalidReferenceError(f"{type(self).__name__} resolves s3:// references, not {ref.uri!r}")
         include, exclude = self._filters(ref)
         bucket, _, key = ref.location.partition("/")
         started = time.perf_counter()
-        with map_errors(f"resolving {ref.uri}", ref.uri):
-            if ref.selector_kind == "version_id":
-                assert ref.selector is not None
-                single = self._head(bucket, key, ref.selector)
-                objects, prefix, kind = [single], _parent(key), "object"
-            elif not key or key.endswith("/"):
-                objects, prefix, kind = self._list(bucket, key), key, "prefix"
+        if ref.selector_kind == "version_id":
+            assert ref.selector is not None
+            single = self._head(deadline, ref.uri, bucket, key, ref.selector)
+            objects, prefix, kind = [single], _parent(key), "object"
+        elif not key or key.endswith("/"):
+            objects, prefix, kind = self._list(deadline, ref.uri, bucket, key), key, "prefix"
+        else:
+            found = self._probe_object(deadline, ref.uri, bucket, key)
+            if found is not None:
+                objects, prefix, kind = [found], _parent(key), "object"
             else:
-                found = self._probe_object(bucket, key)
-                if found is not None:
-                    objects, prefix, kind = [found], _parent(key), "object"
-                else:
-                    prefix, kind = key + "/", "prefix"
-                    objects = self._list(bucket, prefix)
+                prefix, kind = key + "/", "prefix"
+                objects = self._list(deadline, ref.uri, bucket, prefix)
         files = self._entries(ref, bucket, prefix, objects, include, exclude)
         digest = hashlib.sha256(f"{bucket}\n".encode())
         for obj in sorted(objects, key=lambda o: o.key):
@@ -310,7 +315,7 @@ class S3Source:
         ref: ModelRef,
         bucket: str,
         prefix: str,
-        objects: Iterable[_Object],
+        objects: Iterable[S3Object],
         include: Sequence[str],
         exclude: Sequence[str],
     ) -> dict[str, FileEntry]:
@@ -330,6 +335,12 @@ class S3Source:
                     f"refusing {ref.uri}: key s3://{bucket}/{obj.key} would be written to {rel!r}, "
                     "which escapes the model directory or is malformed ('..', '.', '//', '\\', absolute)"
                 ) from exc
+            longest = max(len(part.encode("utf-8", "surrogatepass")) for part in rel.split("/"))
+            if longest > _NAME_MAX:
+                raise IntegrityError(
+                    f"refusing {ref.uri}: key s3://{bucket}/{obj.key} has a path component of {longest} bytes; "
+                    f"filesystems allow {_NAME_MAX}"
+                )
             files[rel] = FileEntry(rel, obj.size, None, _pin(obj.etag, obj.version_id))
         for rel in files:
             parts = rel.split("/")
@@ -345,33 +356,36 @@ class S3Source:
             raise ModelNotFoundError(f"{ref.uri}: {what} under s3://{bucket}/{prefix}", scheme="s3", ref=ref.uri)
         return files
 
-    def _list(self, bucket: str, prefix: str) -> list[_Object]:
-        out = []
+    def _list(self, deadline: Deadline, uri: str, bucket: str, prefix: str) -> list[S3Object]:
+        out: list[S3Object] = []
         kwargs: dict[str, Any] = {"Bucket": bucket, "Prefix": prefix, "MaxKeys": _LIST_PAGE_SIZE}
+        what = f"LIST s3://{bucket}/{prefix}"
+        seen: set[str] = set()
         while True:
-            page = self._client.list_objects_v2(**kwargs)
-            for item in page.get("Contents", ()):
-                out.append(_Object(item["Key"], int(item["Size"]), item.get("ETag", "")))
-            token = page.get("NextContinuationToken")
-            if not page.get("IsTruncated") or not token:
+            page = self._runner.call(deadline, what, uri, self._client.list_objects_v2, **kwargs)
+            objects, token = list_page(page, what)
+            out.extend(objects)
+            if token is None:
                 return out
+            _next_page(what, uri, out, seen, token)
             kwargs["ContinuationToken"] = token
 
-    def _probe_object(self, bucket: str, key: str) -> _Object | None:
+    def _probe_object(self, deadline: Deadline, uri: str, bucket: str, key: str) -> S3Object | None:
         """The object ``key`` itself if it exists (the first listed key with that prefix)."""
-        page = self._client.list_objects_v2(Bucket=bucket, Prefix=key, MaxKeys=1)
-        for item in page.get("Contents", ()):
-            if item["Key"] == key:
-                return _Object(key, int(item["Size"]), item.get("ETag", ""))
-        return None
+        what = f"LIST s3://{bucket}/{key}"
+        page = self._runner.call(
+            deadline, what, uri, self._client.list_objects_v2, Bucket=bucket, Prefix=key, MaxKeys=1
+        )
+        objects, _ = list_page(page, what)
+        return next((obj for obj in objects if obj.key == key), None)
 
-    def _head(self, bucket: str, key: str, version_id: str | None = None) -> _Object:
+    def _head(self, deadline: Deadline, uri: str, bucket: str, key: str, version_id: str | None = None) -> S3Object:
         kwargs: dict[str, Any] = {"Bucket": bucket, "Key": key}
         if version_id:
             kwargs["VersionId"] = version_id
-        head = self._client.head_object(**kwargs)
-        vid = head.get("VersionId") or version_id
-        return _Object(key, int(head["ContentLength"]), head.get("ETag", ""), vid if vid and vid != "null" else None)
+        what = f"HEAD s3://{bucket}/{key}"
+        head = self._runner.call(deadline, what, uri, self._client.head_object, **kwargs)
+        return object_from_head(head, key, what, version_id)
 
     # -- fetch ------------------------------------------------------------------------
 
@@ -383,8 +397,13 @@ class S3Source:
             ModelNotFoundError: An object (or its pinned version) was deleted.
             IntegrityError: A size or an S3 checksum does not match.
             SourceUnavailableError: Network errors, timeouts, 5xx, truncated bodies.
-            CacheError: The disk is full.
+            CacheError: The disk is full, or the staging directory cannot be written.
+
+        Each file is reported to ``FetchContext.current().file_done`` as soon as it is
+        written and verified; files the context lists as completed are left as they are.
+        A file that keeps failing fast is given up alone: the others complete first.
         """
+        deadline, ctx = Deadline.current(), FetchContext.current()
         self._check_open()
         if resolved.source_id != self.identity or resolved.files is None:
             raise SourceError(
@@ -395,13 +414,23 @@ class S3Source:
         meta = resolved.meta
         bucket, prefix = meta["bucket"], meta["prefix"]
         specs = []
+        kept = []
         for entry in resolved.files:
+            done = ctx.completed.get(entry.path)
+            if done is not None and done.size == entry.size:
+                kept.append(done)  # written and verified by an earlier attempt
+                continue
             etag, version_id = _unpin(entry.pin)
             specs.append(ObjectSpec(safe_relpath(entry.path), prefix + entry.path, entry.size, etag, version_id))
-        for parent in sorted({os.path.dirname(s.path) for s in specs if "/" in s.path}):
-            (dest / parent).mkdir(parents=True, exist_ok=True)
+        try:
+            for parent in sorted({os.path.dirname(s.path) for s in specs if "/" in s.path}):
+                (dest / parent).mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise disk_error(exc, f"creating directories in {dest}") from exc
         started = time.perf_counter()
-        entries = download(self._client, bucket, specs, dest, self._options, resolved.ref.uri)
+        entries = download(
+            self._runner, self._client, bucket, specs, dest, self._options, resolved.ref.uri, deadline, ctx
+        )
         elapsed = time.perf_counter() - started
         total = sum(s.size for s in specs)
         logger.debug(
@@ -412,8 +441,8 @@ class S3Source:
             total / MiB,
             elapsed,
         )
-        manifest = Manifest.of(entries)
-        expected = {s.path: s.size for s in specs}
+        manifest = Manifest.of([*entries, *kept])
+        expected = {e.path: e.size for e in resolved.files}
         if {e.path: e.size for e in manifest.files} != expected:
             raise IntegrityError(f"{resolved.ref.uri}: the files written do not match the files resolved")
         return manifest
@@ -430,6 +459,7 @@ class S3Source:
             if self._closed:
                 return
             self._closed = True
+        self._guard.close()
         if self._owns_client:
             self._client.close()
 
@@ -445,29 +475,39 @@ class VersionedS3Source(S3Source):
     """
 
     capabilities: ClassVar[SourceCapabilities] = SourceCapabilities(
-        remote=True, immutable_versions=True, version_history=False
+        remote=True, immutable_versions=True, version_history=False, resumable=True
     )
 
-    def _list(self, bucket: str, prefix: str) -> list[_Object]:
-        paginator = self._client.get_paginator("list_object_versions")
-        out = []
-        for page in paginator.paginate(Bucket=bucket, Prefix=prefix, PaginationConfig={"PageSize": _LIST_PAGE_SIZE}):
-            for item in page.get("Versions", ()):
-                if item.get("IsLatest"):
-                    vid = item.get("VersionId")
-                    out.append(
-                        _Object(
-                            item["Key"], int(item["Size"]), item.get("ETag", ""), vid if vid and vid != "null" else None
-                        )
-                    )
-        return out
+    def _list(self, deadline: Deadline, uri: str, bucket: str, prefix: str) -> list[S3Object]:
+        out: list[S3Object] = []
+        kwargs: dict[str, Any] = {"Bucket": bucket, "Prefix": prefix, "MaxKeys": _LIST_PAGE_SIZE}
+        what = f"LIST versions s3://{bucket}/{prefix}"
+        seen: set[str] = set()
+        while True:
+            page = self._runner.call(deadline, what, uri, self._client.list_object_versions, **kwargs)
+            objects, markers = versions_page(page, what)
+            out.extend(objects)
+            if markers is None:
+                return out
+            _next_page(what, uri, out, seen, f"{markers[0]}\0{markers[1]}")
+            kwargs["KeyMarker"] = markers[0]
+            kwargs.pop("VersionIdMarker", None)
+            if markers[1] is not None:
+                kwargs["VersionIdMarker"] = markers[1]
 
-    def _probe_object(self, bucket: str, key: str) -> _Object | None:
+    def _probe_object(self, deadline: Deadline, uri: str, bucket: str, key: str) -> S3Object | None:
         try:
-            return self._head(bucket, key)
-        except Exception as exc:
-            from botocore.exceptions import ClientError
+            return self._head(deadline, uri, bucket, key)
+        except ModelNotFoundError:  # 404: no such key (a missing bucket shows when the prefix is listed)
+            return None
 
-            if isinstance(exc, ClientError) and exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode") == 404:
-                return None
-            raise
+
+def _next_page(what: str, uri: str, out: list[S3Object], seen: set[str], token: str) -> None:
+    """Refuse a listing that loops (a token seen before) or that no model could be."""
+    if token in seen:
+        raise InvalidResponseError(f"{what}: the listing repeats a page ({token[:40]!r})", scheme="s3", ref=uri)
+    if len(out) > MAX_OBJECTS:
+        raise InvalidResponseError(
+            f"{what}: more than {MAX_OBJECTS} objects; not a model directory", scheme="s3", ref=uri
+        )
+    seen.add(token)
