@@ -22,7 +22,7 @@ import pytest
 from _http_store import HttpStore
 from _s3_server import free_port
 from helpers import read_tree, wait_for
-from model_loader import CacheConfig, LoaderConfig, ResilientLoader, RetryPolicy
+from model_loader import CacheConfig, LoaderConfig, ResilientLoader, RetryPolicy, registry
 from model_loader._deadline import Deadline, FetchContext
 from model_loader._types import FileEntry, ModelRef
 from model_loader._uri import parse_ref
@@ -187,6 +187,18 @@ def test_from_settings_builds_the_scheme_s_source_and_the_base_class_refuses() -
     assert FsspecSource(protocol="memory").identity == "fsspec+memory"
 
 
+def test_the_registry_builds_a_source_for_the_scheme(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    # what the pyproject entry point "memory = model_loader.sources.fsspec:MemoryFsSource" does
+    monkeypatch.setattr(registry, "_registry", dict(registry._registry))
+    registry.register_source("memory", "model_loader.sources.fsspec:MemoryFsSource", clobber=True)
+    files = {"model.bin": b"reg"}
+    model = memory_publish(f"/registry-{uuid.uuid4().hex[:8]}", files)
+    src = registry.create_source(parse_ref(model.uri), SourceSettings(max_concurrency=2))
+    assert isinstance(src, MemoryFsSource)
+    with ResilientLoader(model.uri, config=loader_config(tmp_path / "cache")) as loader:
+        assert read_tree(loader.fetch().path) == files
+
+
 def test_identity_names_the_endpoint_or_account_and_never_a_credential() -> None:
     secret = "c2VjcmV0LWtleQ=="
     conn = f"DefaultEndpointsProtocol=https;AccountName=models;AccountKey={secret};EndpointSuffix=core.windows.net"
@@ -326,7 +338,7 @@ def test_http_fetch_resumes_with_only_the_missing_files(
     assert not [r for r in http_store.requests if r.method == "GET" and r.path.endswith("done.bin")]
 
 
-def test_http_files_download_in_parallel(http_store: HttpStore, tmp_path: Path) -> None:
+def test_http_files_download_in_parallel(http_store: HttpStore, tmp_path: Path, no_leaked_threads: None) -> None:
     files = {f"part-{i}.bin": bytes([i]) * 4096 for i in range(4)}
     resolved = HttpSource().resolve(ref(http_store.publish("parallel", files)))
     for i in range(4):  # each body takes 4 x 0.25 s: one after another, 4 s; together, about 1 s

@@ -191,7 +191,7 @@ class FsspecSource:
         if self._dialect.family == "hf":
             url, commit = hf_commit(fs, url, ref.scheme, ref.uri, deadline, self._read_timeout)
         is_http = self._dialect.family == "http"
-        root = url if is_http else fs._strip_protocol(url)
+        root = url if is_http else self._fs_class._strip_protocol(url)
         directory = ref.location.endswith("/")
         single: dict[str, Any] = {}
         if not directory:
@@ -283,17 +283,17 @@ class FsspecSource:
         """The filesystem for ``url`` (one per host for protocols whose URL names it: sftp)."""
         if self._injected is not None:
             return self._injected
-        url_options = self._fs_class._get_kwargs_from_urls(url)
-        key = json.dumps(url_options, sort_keys=True, default=str)
-        with self._lock:
-            fs = self._filesystems.get(key)
-            if fs is None:
-                with map_errors(f"opening {self._protocols[0]}://", ref.scheme, ref.uri, Deadline.current()):
+        with map_errors(f"opening {redact(url)}", ref.scheme, ref.uri, Deadline.current()):
+            url_options = self._fs_class._get_kwargs_from_urls(url)
+            key = json.dumps(url_options, sort_keys=True, default=str)
+            with self._lock:
+                fs = self._filesystems.get(key)
+                if fs is None:
                     try:
                         fs = self._fs_class(**{**url_options, **self._options})
                     except ImportError as exc:
                         raise missing_dependency(self._protocols[0], exc) from exc
-                self._filesystems[key] = fs
+                    self._filesystems[key] = fs
         return fs
 
     def _info(self, fs: Any, path: str, ref: ModelRef, deadline: Deadline, *, what: str) -> Any:
@@ -326,7 +326,7 @@ class FsspecSource:
         if not needs_calls or len(found) == 1 or self._workers == 1:
             return [one(item) for item in found]
         with ThreadPoolExecutor(min(self._workers, len(found)), thread_name_prefix="model-loader-fsspec") as pool:
-            return list(pool.map(lambda item: _in_deadline(deadline, one, item), found))
+            return list(pool.map(one, found))  # ``one`` holds the deadline: threads get it explicitly
 
     # -- fetch ------------------------------------------------------------------------
 
@@ -469,11 +469,6 @@ class MemoryFsSource(FsspecSource):
     scheme: ClassVar[str] = "memory"
     capabilities: ClassVar[SourceCapabilities] = SourceCapabilities(remote=False, resumable=True)
     default_protocol: ClassVar[str | None] = "memory"
-
-
-def _in_deadline(deadline: Deadline, fn: Any, item: Listed) -> Any:
-    with deadline.applied():
-        return fn(item)
 
 
 def _file_entry(item: Listed, size: int, pin: Pin, prefix: str, is_http: bool) -> FileEntry:
