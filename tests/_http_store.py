@@ -114,6 +114,8 @@ class HttpStore:
         self.checksums = checksums
         self.etags = etags
         self.requests: list[Seen] = []
+        self.in_flight = 0
+        self.peak_in_flight = 0  # most requests answered at once
         self._faults: list[Fault] = []
         self._lock = threading.Lock()
         self._stopping = threading.Event()
@@ -201,10 +203,16 @@ class HttpStore:
     # -- answering --------------------------------------------------------------------
 
     def _answer(self, handler: _Handler, *, head: bool) -> None:
+        with self._lock:
+            self.in_flight += 1
+            self.peak_in_flight = max(self.peak_in_flight, self.in_flight)
         try:
             self._serve(handler, head)
         except (BrokenPipeError, ConnectionResetError, ConnectionAbortedError):
             handler.close_connection = True
+        finally:
+            with self._lock:
+                self.in_flight -= 1
 
     def _serve(self, handler: _Handler, head: bool) -> None:
         method = "HEAD" if head else "GET"

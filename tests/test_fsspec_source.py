@@ -341,13 +341,18 @@ def test_http_fetch_resumes_with_only_the_missing_files(
 def test_http_files_download_in_parallel(http_store: HttpStore, tmp_path: Path, no_leaked_threads: None) -> None:
     files = {f"part-{i}.bin": bytes([i]) * 4096 for i in range(4)}
     resolved = HttpSource().resolve(ref(http_store.publish("parallel", files)))
-    for i in range(4):  # each body takes 4 x 0.25 s: one after another, 4 s; together, about 1 s
-        http_store.fault("trickle", f"part-{i}.bin", method="GET", piece=1024, interval=0.25)
+    for i in range(4):  # slow bodies, so that parallel downloads overlap on the server
+        http_store.fault("trickle", f"part-{i}.bin", method="GET", piece=1024, interval=0.1)
+    http_store.peak_in_flight = 0
     src = HttpSource(max_concurrency=4)
-    started = time.monotonic()
     assert fetch_to(src, resolved, tmp_path / "d") == files
-    assert time.monotonic() - started < 3.5
+    assert http_store.peak_in_flight >= 2
     src.close()
+    http_store.peak_in_flight = 0
+    serial = HttpSource(max_concurrency=1)
+    assert fetch_to(serial, resolved, tmp_path / "serial") == files
+    assert http_store.peak_in_flight == 1
+    serial.close()
 
 
 # -- HTTP: faults and the deadline --------------------------------------------------------
