@@ -20,7 +20,7 @@ from typing import Any
 import pytest
 
 from _fault_proxy import FaultProxy, Seen
-from _s3_server import MotoServer, make_bucket, put_files
+from _s3_server import MotoServer, free_port, make_bucket, put_files
 from model_loader._uri import parse_ref
 from model_loader.errors import IntegrityError, InvalidResponseError, SourceUnavailableError
 from model_loader.sources.s3 import S3Source
@@ -95,6 +95,16 @@ def test_a_listing_that_loops_is_an_invalid_response(
     fault_proxy.inject("rewrite", count=100, match=is_list, payload=replay_first_token)
     with pytest.raises(InvalidResponseError, match="repeats a page"):
         src.resolve(parse_ref(f"s3://{bucket}/loop/"))
+    src.close()
+
+
+def test_credentials_in_an_endpoint_never_reach_errors_or_logs(bucket: str, caplog: pytest.LogCaptureFixture) -> None:
+    src = S3Source(endpoint_url=f"http://someone:s3cr3t-pw@127.0.0.1:{free_port()}", request_backoff=0.0)
+    with pytest.raises(SourceUnavailableError) as info:
+        src.resolve(parse_ref(f"s3://{bucket}/m/"))
+    assert "s3cr3t" not in str(info.value)
+    assert "s3cr3t" not in caplog.text
+    assert "s3cr3t" not in src.identity
     src.close()
 
 

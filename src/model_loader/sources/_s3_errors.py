@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import errno
 import http.client
+import re
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -25,7 +26,16 @@ from model_loader.errors import (
     StaleResolutionError,
 )
 
-__all__ = ["disk_error", "map_errors", "translate"]
+__all__ = ["disk_error", "map_errors", "scrub", "translate"]
+
+_USERINFO = re.compile(r"(?<=://)[^/@\s]+@")
+_SIGNED = re.compile(r"(?i)(X-Amz-(?:Signature|Credential|Security-Token)=)[^&\s\"']+")
+
+
+def scrub(text: str) -> str:
+    """``text`` without URL credentials or request signatures (SDK messages quote endpoint URLs)."""
+    return _SIGNED.sub(r"\1***", _USERINFO.sub("***@", text))
+
 
 _NOT_FOUND = frozenset({"NoSuchBucket", "NoSuchKey", "NoSuchVersion", "NotFound", "404"})
 _DENIED = frozenset(
@@ -74,7 +84,7 @@ def translate(exc: BaseException, what: str, uri: str) -> ModelLoaderError | Non
     kw = {"scheme": "s3", "ref": uri}
     if isinstance(exc, bce.ClientError):
         return _client_error(exc, what, kw)
-    text = f"{what}: {type(exc).__name__}: {exc}"
+    text = scrub(f"{what}: {type(exc).__name__}: {exc}")
     if isinstance(exc, (bce.ConnectTimeoutError, bce.ReadTimeoutError)):
         return SourceTimeoutError(text, **kw)
     if isinstance(exc, (bce.FlexibleChecksumError, bce.ChecksumError)):
@@ -107,8 +117,8 @@ def _client_error(exc: BaseException, what: str, kw: dict[str, str]) -> ModelLoa
     error = response.get("Error", {}) or {}
     code = str(error.get("Code") or "")
     status = int((response.get("ResponseMetadata", {}) or {}).get("HTTPStatusCode") or 0)
-    detail = error.get("Message") or ""
-    text = f"{what}: {code or status}" + (f" ({detail})" if detail else "")
+    detail = str(error.get("Message") or "")[:500]
+    text = scrub(f"{what}: {code or status}" + (f" ({detail})" if detail else ""))
     if code in _NOT_FOUND or status == 404:
         return ModelNotFoundError(text, **kw)
     if code in _DENIED or status in (401, 403):

@@ -111,8 +111,18 @@ def _version(value: Any, what: str) -> str | None:
 def _entry(item: Any, what: str) -> S3Object:
     if not isinstance(item, Mapping):
         raise _bad(what, "a listing entry is not a record")
-    key = _text(item.get("Key"), what, "Key", _MAX_KEY)
-    return S3Object(key, integer(item.get("Size"), what, f"Size of {key!r}"), etag_of(item.get("ETag"), what))
+    key, size, etag = item.get("Key"), item.get("Size"), item.get("ETag")
+    if (  # the common case, checked cheaply: a warm start lists every key
+        type(key) is str
+        and 0 < len(key) <= _MAX_KEY // 4
+        and type(size) is int
+        and 0 <= size <= MAX_SIZE
+        and type(etag) is str
+        and _ETAG.match(etag)
+    ):
+        return S3Object(key, size, etag)
+    key = _text(key, what, "Key", _MAX_KEY)
+    return S3Object(key, integer(size, what, f"Size of {key!r}"), etag_of(etag, what))
 
 
 def _truncation(page: Mapping[str, Any], what: str, token_field: str) -> str | None:

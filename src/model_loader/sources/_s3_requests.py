@@ -85,8 +85,17 @@ def error_for(exc: BaseException, what: str, uri: str, deadline: Deadline) -> Mo
 
 
 def reissuable(err: BaseException) -> bool:
-    """A fast transient failure: worth re-issuing the request inside the step."""
-    return isinstance(err, SourceUnavailableError) and not isinstance(err, SourceTimeoutError)
+    """A fast transient failure worth re-issuing inside the step.
+
+    Not a timeout (the deadline and the loader own time), and not a refused connection
+    (nothing listens: the store is down, not flaky; the loader falls back sooner).
+    """
+    if not isinstance(err, SourceUnavailableError) or isinstance(err, SourceTimeoutError):
+        return False
+    return type(err.__cause__).__name__ not in _NOT_LISTENING
+
+
+_NOT_LISTENING = frozenset({"EndpointConnectionError", "NewConnectionError", "ConnectionRefusedError"})
 
 
 def backoff(base: float, attempt: int) -> float:
