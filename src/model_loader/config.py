@@ -76,9 +76,9 @@ class RetryPolicy(_Model):
     """
 
     attempts: int = Field(5, ge=1, le=100)
-    initial_backoff: float = Field(0.1, ge=0)
+    initial_backoff: float = Field(0.05, ge=0)
     max_backoff: float = Field(5.0, ge=0)
-    jitter: float = Field(0.1, ge=0)
+    jitter: float = Field(0.05, ge=0)
     source_deadline: float = Field(60.0, gt=0)
 
 
@@ -94,6 +94,13 @@ class CacheConfig(_Model):
             only saves bandwidth). Never longer than the load's deadline.
         min_free: Bytes that must stay free on the cache's filesystem after a fetch.
         memory_items: Loaded objects kept in memory per loader.
+        tiers: Further cache directories searched after ``dir``, in order (e.g. a shared
+            volume pre-warmed by a job, often read-only). Read-only tiers are never written.
+        promote: What a hit in a later tier does: ``link`` into ``dir`` (hard links where
+            both are on one filesystem, else a copy), ``copy``, or ``off`` (served in place).
+        shared: Several hosts use the cache directory (NFS, EFS, a FUSE volume), where
+            ``flock`` may not reach between hosts: in-use entries are also marked with
+            files other hosts see, so eviction spares them.
     """
 
     dir: Path = Field(default_factory=default_cache_dir)
@@ -102,6 +109,16 @@ class CacheConfig(_Model):
     lock_timeout: float = Field(30.0, gt=0)
     min_free: Size = 0
     memory_items: int = Field(4, ge=0)
+    tiers: tuple[Path, ...] = ()
+    promote: Literal["link", "copy", "off"] = "link"
+    shared: bool = False
+
+    @field_validator("tiers", mode="before")
+    @classmethod
+    def _split_tiers(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            return tuple(part.strip() for part in value.split(",") if part.strip())
+        return value
 
     @field_validator("dir", mode="after")
     @classmethod
@@ -200,6 +217,9 @@ _CACHE_KEYS = {
     "lock_timeout": "lock_timeout",
     "min_free": "min_free",
     "memory_items": "memory_items",
+    "cache_tiers": "tiers",
+    "cache_promote": "promote",
+    "cache_shared": "shared",
 }
 
 
@@ -316,6 +336,19 @@ def _directory(value: Any) -> Path:
     raise _Unsure
 
 
+def _paths(value: Any) -> tuple[Path, ...]:
+    parts = _split_csv(value) if isinstance(value, str) else value
+    if isinstance(parts, tuple | list) and all(isinstance(v, str | os.PathLike) and os.fspath(v) for v in parts):
+        return tuple(Path(v) for v in parts)
+    raise _Unsure
+
+
+def _promote(value: Any) -> str:
+    if value in ("link", "copy", "off") and type(value) is str:
+        return str(value)
+    raise _Unsure
+
+
 def _split_csv(text: str) -> tuple[str, ...]:
     return tuple(part.strip() for part in text.split(",") if part.strip())
 
@@ -386,6 +419,9 @@ _CHECKS: dict[type[_Model], dict[str, _Check]] = {
         "lock_timeout": _number(float, gt=0),
         "min_free": _size,
         "memory_items": _number(int, ge=0),
+        "tiers": _paths,
+        "promote": _promote,
+        "shared": _flag,
     },
     LoaderConfig: {
         "sources": _strings,
