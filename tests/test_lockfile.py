@@ -107,3 +107,34 @@ def test_a_moved_alias_does_not_move_a_locked_release(
     assert served(locked, tmp_path / "fresh") == [{"w.bin": b"one"}]  # fetched by its version, not the alias
     with ResilientLoader([ref.uri], config=config(tmp_path / "fresh")) as unlocked:
         assert read_tree(unlocked.fetch().path) == {"w.bin": b"two"}
+
+
+def test_the_cli_locks_and_fetches_from_the_lock_online_and_offline(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    a, b = tmp_path / "a", tmp_path / "b"
+    write_tree(a, FILES)
+    write_tree(b, {"other.bin": b"2" * 100})
+    cache = tmp_path / "cache"
+
+    def cli(*args: str) -> subprocess.CompletedProcess[str]:
+        cmd = [sys.executable, "-m", "model_loader", *args, "--cache-dir", str(cache)]
+        return subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+
+    made = cli("lock", str(a), f"{b},{a}")
+    assert made.returncode == 0, made.stderr
+    lock_file = tmp_path / "models.lock"
+    lock_file.write_text(made.stdout)
+    assert [m.sources for m in LockFile.loads(made.stdout).models] == [(f"file://{a}",), (f"file://{b}", f"file://{a}")]
+    for extra in ([], ["--offline"]):
+        out = cli("fetch", "--json", "--lock", str(lock_file), *extra)
+        assert out.returncode == 0, out.stderr
+        trees = [read_tree(Path(r["path"])) for r in json.loads(out.stdout)]
+        assert trees == [FILES, {"other.bin": b"2" * 100}]
+    tampered = json.loads(made.stdout)
+    tampered["models"][0]["digest"] = "sha256:" + "0" * 64
+    lock_file.write_text(json.dumps(tampered))
+    refused = cli("fetch", "--lock", str(lock_file))
+    assert refused.returncode == 2
+    assert "lock file" in refused.stderr

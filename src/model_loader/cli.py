@@ -112,7 +112,13 @@ def _parser(bench: Any = None) -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     fetch.add_argument(
-        "uris", nargs="+", metavar="URI", help="sources, tried in order (models:/, s3://, file://, paths)"
+        "uris", nargs="*", metavar="URI", help="sources, tried in order (models:/, s3://, file://, paths)"
+    )
+    fetch.add_argument(
+        "--lock",
+        type=Path,
+        metavar="FILE",
+        help="serve exactly the versions a lock file records (made by `model-loader lock`), instead of URIs",
     )
     fetch.add_argument(
         "--timeout",
@@ -135,6 +141,17 @@ def _parser(bench: Any = None) -> argparse.ArgumentParser:
         "--exclude", action="append", default=[], metavar="GLOB", help="skip files matching (repeatable)"
     )
     fetch.add_argument("--no-progress", action="store_true", help="no progress bar even on a terminal")
+
+    lock = sub.add_parser(
+        "lock",
+        parents=[common],
+        help="record what references resolve to now, as a lock file",
+        description="Fetch each model and print a lock file recording its source, version, digest and files. "
+        "Each argument is one model; separate a model's sources, in order, with commas.",
+    )
+    lock.add_argument("models", nargs="+", metavar="URI[,URI...]", help="one model: its sources, comma-separated")
+    lock.add_argument("-o", "--output", type=Path, metavar="FILE", help="write here instead of standard output")
+    lock.add_argument("--timeout", type=_seconds, metavar="SECONDS", help="deadline for each model")
 
     cache = sub.add_parser("cache", help="inspect, verify or prune the cache")
     csub = cache.add_subparsers(dest="cache_command", required=True, metavar="ACTION")
@@ -191,7 +208,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     _setup_logging(args)
     try:
         if args.command == "fetch":
-            return _fetch(args)
+            return _fetch_locked(args) if args.lock is not None else _fetch(args)
+        if args.command == "lock":
+            return _lock(args)
         if args.command == "cache":
             return _cache(args)
         if args.command == "bench":
@@ -371,9 +390,63 @@ def _config(args: argparse.Namespace, **overrides: Any) -> LoaderConfig:
     return LoaderConfig.from_env(environ, **overrides)
 
 
+def _lock(args: argparse.Namespace) -> int:
+    from model_loader._uri import parse_ref
+
+    models = [[part.strip() for part in arg.split(",") if part.strip()] for arg in args.models]
+    for sources in models:
+        if not sources:
+            raise _UsageError("an empty model: give each model one or more URIs, comma-separated")
+        for uri in sources:
+            parse_ref(uri)
+    overrides = {"deadline": args.timeout} if args.timeout is not None else {}
+    from model_loader.lockfile import lock
+
+    text = lock(models, _config(args, **overrides)).dumps()
+    if args.output is not None:
+        args.output.write_text(text)
+    else:
+        sys.stdout.write(text)
+    return 0
+
+
+def _fetch_locked(args: argparse.Namespace) -> int:
+    if args.uris:
+        raise _UsageError("give either URIs or --lock FILE, not both")
+    from model_loader.lockfile import LockFile
+
+    try:
+        text = args.lock.read_text()
+    except OSError as exc:
+        raise _UsageError(f"cannot read the lock file {args.lock}: {exc.strerror or exc}") from exc
+    locked = LockFile.loads(text)
+    overrides: dict[str, Any] = {}
+    if args.timeout is not None:
+        overrides["deadline"] = args.timeout
+    if args.offline:
+        overrides["offline"] = True
+    config = _config(args, **overrides)
+    from model_loader.loader import ResilientLoader
+
+    results = []
+    for model in locked.models:
+        with ResilientLoader.from_lock(model, config=config) as loader:
+            results.append(loader.fetch())
+    if args.json:
+        import json
+
+        print(json.dumps([r.to_dict() for r in results], sort_keys=True))
+    else:
+        for r in results:
+            print(r.path)
+    return 0
+
+
 def _fetch(args: argparse.Namespace) -> int:
     from model_loader._uri import parse_ref
 
+    if not args.uris:
+        raise _UsageError("give one or more URIs, or --lock FILE")
     refs = [parse_ref(uri) for uri in args.uris]  # bad input fails here, before anything heavy is imported
     overrides: dict[str, Any] = {}
     if args.timeout is not None:

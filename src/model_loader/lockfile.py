@@ -133,7 +133,7 @@ def lock(references: Iterable[Iterable[str]], config: LoaderConfig | None = None
             manifest = entry.manifest
         models.append(
             LockedModel(
-                sources=tuple(uris),
+                sources=loader.sources,
                 source=result.source,
                 identity=spec.source.identity,
                 version=result.version,
