@@ -578,6 +578,9 @@ class DiskCache:
         }
         target = self._entries / key
         with cache_errors(f"publishing cache entry {key}"):
+            for f in manifest.files:  # read-only: a hard link to it (a promoted tier, a KServe dest) cannot alter it
+                path = files_dir / f.path
+                os.chmod(path, os.stat(path).st_mode & ~0o222)
             sync_tree(files_dir)  # file data and directory entries, before the manifest exists
             for name in ("journal.jsonl", "owner.json"):
                 with contextlib.suppress(FileNotFoundError):
