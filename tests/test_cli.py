@@ -340,6 +340,7 @@ CONFIG_INVALID: list[tuple[dict[str, str], dict[str, Any]]] = [
     ({"MODEL_LOADER_CACHE_DIR": "/x"}, {"deadline": -1}),
     ({}, {"cache_dirr": "/x"}),
     ({}, {"retry": {"attempts": 0}}),
+    ({}, {"deadline": 10**400}),
 ]
 
 

@@ -278,8 +278,10 @@ def _number(
     def check(value: Any) -> Any:
         if isinstance(value, str) and text.fullmatch(value):
             number: float = kind(value)
-        elif type(value) is int or (kind is float and type(value) is float and math.isfinite(value)):
-            number = kind(value)
+        elif (type(value) is int and abs(value) < 2**53) or (
+            kind is float and type(value) is float and math.isfinite(value)
+        ):
+            number = kind(value)  # ints beyond 2**53 are pydantic's to judge (float() loses or overflows)
         else:
             raise _Unsure
         if (gt is not None and not number > gt) or (ge is not None and not number >= ge):
