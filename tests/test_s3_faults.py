@@ -185,6 +185,34 @@ def test_a_fault_that_persists_fails_the_fetch_with_a_typed_error(
     src.close()
 
 
+def test_a_fatal_error_cuts_the_other_transfers_at_once(
+    fault_proxy: FaultProxy, s3_client: Any, bucket: str, tmp_path: Path, no_leaked_threads: None
+) -> None:
+    put_files(s3_client, bucket, "cut-all/", {"stalls.bin": b"s" * 1000, "denied.bin": b"d" * 2000})
+    src = S3Source(endpoint_url=fault_proxy.url)  # read_timeout 60 s, no deadline
+    resolved = src.resolve(parse_ref(f"s3://{bucket}/cut-all/"))
+    fault_proxy.stall_seconds = 60
+    stalled = threading.Event()
+
+    def stall_first(seen: Seen) -> bool:
+        if is_object_get(seen) and seen.path.endswith("/stalls.bin"):
+            stalled.set()
+            return True
+        return False
+
+    def denied(seen: Seen) -> bool:
+        return is_object_get(seen) and seen.path.endswith("/denied.bin")
+
+    fault_proxy.inject("stall_body", count=1, match=stall_first)
+    fault_proxy.inject("403", count=1, match=lambda s: denied(s) and stalled.is_set())
+    fault_proxy.inject("500", count=100, match=lambda s: denied(s) and not stalled.is_set())  # re-issued until then
+    started = time.monotonic()
+    with pytest.raises(AccessDeniedError):
+        src.fetch(resolved, tmp_path)
+    assert time.monotonic() - started < 10  # not the 60 s read timeout of the stalled transfer
+    src.close()
+
+
 def test_only_the_missing_files_are_fetched_again(
     fault_proxy: FaultProxy, s3_client: Any, bucket: str, tmp_path: Path, no_leaked_threads: None
 ) -> None:

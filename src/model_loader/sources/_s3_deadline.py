@@ -77,7 +77,12 @@ def _shutdown(sock: socket.socket) -> None:
 
 @functools.cache
 def _bounded_connection(base: Any) -> Any:
+    if getattr(base, "_model_loader_bounded", False):
+        return base
+
     class BoundedConnection(base):  # type: ignore[misc]
+        _model_loader_bounded = True
+
         def _new_conn(self) -> Any:
             conn: Any = self
             scope = _current()
@@ -110,7 +115,10 @@ def _bounded_connection(base: Any) -> Any:
 
 @functools.cache
 def _bounded_pool(base: Any) -> Any:
-    return type(f"Bounded{base.__name__}", (base,), {"ConnectionCls": _bounded_connection(base.ConnectionCls)})
+    if getattr(base, "_model_loader_bounded", False):
+        return base  # installed already (a client shared by two sources)
+    attrs = {"ConnectionCls": _bounded_connection(base.ConnectionCls), "_model_loader_bounded": True}
+    return type(f"Bounded{base.__name__}", (base,), attrs)
 
 
 class RequestGuard:
@@ -154,19 +162,28 @@ class RequestGuard:
         return True
 
     @contextlib.contextmanager
-    def scope(self, deadline: Deadline) -> Iterator[None]:
+    def scope(self, deadline: Deadline) -> Iterator[_Scope]:
         """Bound the requests this thread makes inside the block by ``deadline``."""
-        scope = _Scope(self, deadline)
         previous = _current()
+        if previous is not None and previous.guard is self and previous.deadline is deadline:
+            yield previous  # nested (a worker's HEAD): one scope, cut together
+            return
+        scope = _Scope(self, deadline)
         _local.scope = scope
         if deadline.bounded:
             self._enter(scope)
         try:
-            yield
+            yield scope
         finally:
             _local.scope = previous
-            if deadline.bounded:
-                self._leave(scope)
+            self._leave(scope)
+
+    def cancel(self, scope: _Scope) -> None:
+        """Cut ``scope``'s requests now, as if its deadline had passed (another transfer failed)."""
+        with self._cond:
+            scope.fired = True
+            for sock in scope.socks:
+                _shutdown(sock)
 
     def close(self) -> None:
         """Stop the watchdog (it also stops by itself when no bounded scope is open)."""
@@ -200,9 +217,6 @@ class RequestGuard:
                 return
             if previous is not None:  # a pooled socket now used by another scope
                 previous.socks.discard(sock)
-                del self._owner[sock]
-            if not scope.deadline.bounded:
-                return
             self._owner[sock] = scope
             scope.socks.add(sock)
             if scope.fired:

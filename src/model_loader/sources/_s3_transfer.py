@@ -200,6 +200,7 @@ class _Job:
         self.big = [f for f in self.files if f.big]
         self.queue: deque[_Segment] = deque(f.segments[0] for f in self.files)  # largest first
         self.delayed: list[_Segment] = []  # re-issues waiting for their backoff
+        self.scopes: list[Any] = []  # the workers' request scopes, cut when the fetch fails
 
     # -- scheduling -------------------------------------------------------------------
 
@@ -284,6 +285,9 @@ class _Job:
                 self.error = err
             self.cond.notify_all()
             self.hash_cond.notify_all()
+            scopes = list(self.scopes)
+        for scope in scopes:  # a transfer blocked on a slow store would otherwise hold the fetch
+            self.runner.guard.cancel(scope)
 
     def _failed(self, seg: _Segment, exc: BaseException, what: str) -> None:
         """Re-issue ``seg`` later, give its file up, or stop everything, as the error deserves."""
@@ -368,7 +372,12 @@ class _Job:
         return self.results
 
     def _worker(self) -> None:
-        with self.runner.guard.scope(self.deadline):
+        with self.runner.guard.scope(self.deadline) as scope:
+            with self.cond:
+                self.scopes.append(scope)
+                stopped = self.error is not None
+            if stopped:
+                self.runner.guard.cancel(scope)
             while (seg := self.next_work()) is not None:
                 what = f"GET s3://{self.bucket}/{seg.file.spec.key}"
                 try:
