@@ -56,9 +56,9 @@ def test_register_source_refuses_to_clobber_silently(clean_registry: object) -> 
 
 
 def test_a_source_whose_module_is_missing_names_the_install_hint(clean_registry: object) -> None:
-    register_source("gs", "not_installed_pkg.gcs:GcsSource", install_hint="pip install model-loader-gcs")
+    register_source("nosuchstore", "not_installed_pkg.gcs:GcsSource", install_hint="pip install model-loader-gcs")
     with pytest.raises(MissingDependencyError) as info:
-        get_source_class("gs")
+        get_source_class("nosuchstore")
     assert "pip install model-loader-gcs" in str(info.value)
     assert isinstance(info.value, ImportError)
 
