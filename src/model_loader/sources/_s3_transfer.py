@@ -463,6 +463,7 @@ class _Job:
                 want = min(_STREAM_READ, seg.end - seg.reserved)
             if want <= 0:
                 break
+            self.deadline.check(what, scheme="s3", ref=self.uri)  # the watchdog's backstop
             chunk = body.read(want)
             if not chunk:
                 raise SourceUnavailableError(
