@@ -748,12 +748,14 @@ class DiskCache:
         """Remove staging of entries already published, and (unless ``published_only``)
         staging abandoned for a day; a younger one may still be resumed. Cheap when
         ``.staging`` is empty, as it is between fetches."""
-        from filelock import FileLock, Timeout
-
         try:
             stages = os.listdir(self._staging)
         except OSError:
             return
+        if not stages:
+            return  # the usual case, on every start: nothing to import or look at
+        from filelock import FileLock, Timeout
+
         now = time.time()
         for name in stages:
             stale = self._staging / name

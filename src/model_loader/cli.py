@@ -28,6 +28,7 @@ from model_loader.errors import AllSourcesFailedError, CacheError, InvalidRefere
 if TYPE_CHECKING:
     import logging
 
+    from model_loader._settings import Settings
     from model_loader.config import LoaderConfig
 
 __all__ = ["main"]
@@ -373,9 +374,10 @@ def _first_line(exc: BaseException) -> str:
 # -- commands ----------------------------------------------------------------------------------
 
 
-def _config(args: argparse.Namespace, **overrides: Any) -> LoaderConfig:
-    """``LoaderConfig.from_env`` with the command line's cache settings taking the variables' place."""
-    from model_loader.config import LoaderConfig
+def _config(args: argparse.Namespace, **overrides: Any) -> LoaderConfig | Settings:
+    """The loader's settings from the environment, with the command line's cache settings
+    taking the variables' place (plain values skip pydantic: see model_loader._settings)."""
+    from model_loader._settings import settings_from_env
 
     environ = dict(os.environ)
     flags = {
@@ -387,7 +389,7 @@ def _config(args: argparse.Namespace, **overrides: Any) -> LoaderConfig:
             for key in [k for k in environ if k.upper() == name]:
                 del environ[key]
             environ[name] = os.fspath(value)
-    return LoaderConfig.from_env(environ, **overrides)
+    return settings_from_env(environ, **overrides)
 
 
 def _lock(args: argparse.Namespace) -> int:

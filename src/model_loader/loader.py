@@ -7,7 +7,6 @@ module decides what to ask of whom, for how long, and what to serve when they fa
 
 from __future__ import annotations
 
-import asyncio
 import dataclasses
 import logging
 import os
@@ -17,16 +16,15 @@ from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar, cast
 
 from model_loader._cache import CachedEntry, CacheHit, DiskCache
 from model_loader._deadline import Deadline
 from model_loader._memory import MemoryCache
 from model_loader._staging import Staging
-from model_loader._tiers import TieredCache
+from model_loader._tiers import Promote, TieredCache
 from model_loader._types import FetchResult, LoadedModel, ModelRef, ResolvedModel, Timings
 from model_loader._uri import parse_ref
-from model_loader.config import LoaderConfig
 from model_loader.errors import (
     AllSourcesFailedError,
     DeserializationError,
@@ -40,6 +38,10 @@ from model_loader.errors import (
 from model_loader.lockfile import LockedModel
 from model_loader.protocol import FetchObserver, ModelSource, SourceSettings, SupportsVersionHistory
 from model_loader.registry import create_source
+
+if TYPE_CHECKING:
+    from model_loader._settings import Settings
+    from model_loader.config import LoaderConfig
 
 __all__ = ["ResilientLoader", "SourceSpec", "default_model_loader"]
 
@@ -92,7 +94,7 @@ def default_model_loader(path: Path) -> Any:
 class _Load:
     """The per-call state of one load: its deadline, failures and retries so far."""
 
-    def __init__(self, config: LoaderConfig) -> None:
+    def __init__(self, config: LoaderConfig | Settings) -> None:
         self.start = time.monotonic()
         self.deadline = Deadline(config.deadline, what=f"the load's {config.deadline:g}s deadline")
         self.failures: list[tuple[str, BaseException]] = []
@@ -129,13 +131,17 @@ class ResilientLoader:
         self,
         sources: SourceLike | Sequence[SourceLike] | None = None,
         *,
-        config: LoaderConfig | None = None,
+        config: LoaderConfig | Settings | None = None,
         loader_fn: LoaderFn | None = None,
         sleep: Callable[[float], None] = time.sleep,
         observer: FetchObserver | None = None,
         memory: MemoryCache | None = None,
     ) -> None:
-        self.config = config if config is not None else LoaderConfig.from_env()
+        if config is None:
+            from model_loader._settings import settings_from_env
+
+            config = settings_from_env()  # plain values when they are plain: no pydantic on a warm start
+        self.config = config
         c = self.config
         tiers = [
             DiskCache(
@@ -149,7 +155,7 @@ class ResilientLoader:
             for i, root in enumerate((c.cache.dir, *c.cache.tiers))
         ]
         self.cache: DiskCache | TieredCache = (
-            tiers[0] if len(tiers) == 1 else TieredCache(tiers, promote=c.cache.promote)
+            tiers[0] if len(tiers) == 1 else TieredCache(tiers, promote=cast("Promote", c.cache.promote))
         )
         self.memory = memory if memory is not None else MemoryCache(c.cache.memory_items)
         self._loader_fn = loader_fn
@@ -247,14 +253,20 @@ class ResilientLoader:
 
     async def aload_with_result(self, loader_fn: LoaderFn | None = None) -> LoadedModel:
         """:meth:`load_with_result` in a worker thread."""
+        import asyncio
+
         return await asyncio.to_thread(self.load_with_result, loader_fn)
 
     async def afetch(self) -> FetchResult:
         """:meth:`fetch` in a worker thread; the event loop keeps running."""
+        import asyncio
+
         return await asyncio.to_thread(self.fetch)
 
     async def aload(self, loader_fn: LoaderFn | None = None) -> Any:
         """:meth:`load` in a worker thread; the event loop keeps running."""
+        import asyncio
+
         return await asyncio.to_thread(self.load, loader_fn)
 
     def close(self) -> None:
@@ -602,54 +614,66 @@ class ResilientLoader:
         (``staging.progressed``) starts the count again, so a retry that makes progress is
         never the one that gives up.
         """
-        import tenacity
-
         policy = self.config.retry
-        streak = [0]
+        streak = [0]  # failures in a row, reset by progress
+        tries = [0]
 
-        def failed_in_a_row(state: tenacity.RetryCallState) -> int:
-            return streak[0]
+        def attempt() -> T:
+            tries[0] += 1
+            budget.check(f"{what} of {spec.uri}", scheme=spec.ref.scheme, ref=spec.uri)
+            with budget.applied():
+                return fn()
 
-        class _Stop(tenacity.stop.stop_base):
-            def __call__(self, state: tenacity.RetryCallState) -> bool:
-                streak[0] = 0 if staging is not None and staging.progressed else streak[0] + 1
-                wait = min(policy.max_backoff, policy.initial_backoff * 2 ** (streak[0] - 1)) + policy.jitter
-                return streak[0] >= policy.attempts or budget.remaining() <= wait
+        def give_up() -> bool:
+            streak[0] = 0 if staging is not None and staging.progressed else streak[0] + 1
+            worst = min(policy.max_backoff, policy.initial_backoff * 2 ** (streak[0] - 1)) + policy.jitter
+            return streak[0] >= policy.attempts or budget.remaining() <= worst
 
-        def backoff(state: tenacity.RetryCallState) -> float:
+        def backoff() -> float:
             import random
 
-            n = max(1, failed_in_a_row(state))
-            delay: float = min(policy.max_backoff, policy.initial_backoff * 2 ** (n - 1))
+            delay: float = min(policy.max_backoff, policy.initial_backoff * 2 ** (max(1, streak[0]) - 1))
             return delay + random.uniform(0, policy.jitter)
 
-        def log_retry(state: tenacity.RetryCallState) -> None:
-            exc = state.outcome.exception() if state.outcome else None
-            wait = state.next_action.sleep if state.next_action else 0.0
+        def log_retry(exc: BaseException | None, wait: float) -> None:
             load.retries[spec.uri] = load.retries.get(spec.uri, 0) + 1
             logger.warning(
                 "%s of %s failed (attempt %d, %d in a row of %d allowed): %s; retrying in %.2fs",
                 what,
                 spec.uri,
-                state.attempt_number,
+                tries[0],
                 streak[0],
                 policy.attempts,
                 exc,
                 wait,
             )
 
-        def attempt() -> T:
-            budget.check(f"{what} of {spec.uri}", scheme=spec.ref.scheme, ref=spec.uri)
-            with budget.applied():
-                return fn()
+        try:
+            return attempt()  # the usual case: the retry machinery is not even imported
+        except SourceUnavailableError as exc:
+            if give_up():
+                raise
+            wait = backoff()
+            log_retry(exc, wait)
+            budget.sleep(wait, self._sleep)
+
+        import tenacity
+
+        class _Stop(tenacity.stop.stop_base):
+            def __call__(self, state: tenacity.RetryCallState) -> bool:
+                return give_up()
+
+        def before_sleep(state: tenacity.RetryCallState) -> None:
+            exc = state.outcome.exception() if state.outcome else None
+            log_retry(exc, state.next_action.sleep if state.next_action else 0.0)
 
         retrying = tenacity.Retrying(
             stop=_Stop(),
-            wait=backoff,
+            wait=lambda state: backoff(),
             retry=tenacity.retry_if_exception_type(SourceUnavailableError),
             reraise=True,
             sleep=lambda seconds: budget.sleep(seconds, self._sleep),
-            before_sleep=log_retry,
+            before_sleep=before_sleep,
         )
         return retrying(attempt)
 

@@ -31,6 +31,7 @@ from model_loader._types import FileEntry, Manifest, ResolvedModel
 from model_loader.errors import IntegrityError, InvalidReferenceError, SourceUnavailableError
 
 if TYPE_CHECKING:
+    from model_loader._settings import Settings
     from model_loader.config import LoaderConfig
 
 __all__ = ["FORMAT", "LockFile", "LockedModel", "lock", "pinned_uri"]
@@ -104,7 +105,7 @@ class LockFile:
             raise InvalidReferenceError(f"invalid lock file: {exc}") from exc
 
 
-def lock(references: Iterable[Iterable[str]], config: LoaderConfig | None = None) -> LockFile:
+def lock(references: Iterable[Iterable[str]], config: LoaderConfig | Settings | None = None) -> LockFile:
     """Lock each reference (its sources, in order) to what it resolves to now.
 
     Each model is fetched (and so cached), because the digest covers every file's hash.
