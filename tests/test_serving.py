@@ -301,30 +301,36 @@ def test_swaps_are_atomic_under_concurrent_get(make: Any, src: InMemorySource) -
     assert served.get().result.version == "m/11"
 
 
-class ReleasingLoader(ResilientLoader):
-    released: list[str]
+class LeasingLoader(ResilientLoader):
+    """A loader with counted leases, recording what the handle asks of it."""
+
+    leases: list[str]
+
+    def retain(self, result: FetchResult) -> None:
+        self.leases.append(f"+{result.version}")
 
     def release(self, result: FetchResult) -> None:
-        self.released.append(result.version)
+        self.leases.append(f"-{result.version}")
 
 
 def test_a_swapped_out_version_is_released_when_its_last_user_is_done(
     src: InMemorySource, ref: ModelRef, fn: CountingLoader, tmp_path: Path
 ) -> None:
-    loader = ReleasingLoader([(src, ref.uri)], config=fast_config(tmp_path), memory=MemoryCache(4))
-    loader.released = []
+    loader = LeasingLoader([(src, ref.uri)], config=fast_config(tmp_path), memory=MemoryCache(4))
+    loader.leases = []
     with loader, ServedModel(loader=loader, loader_fn=fn) as served:
         served.load()
+        assert loader.leases == ["+m/1"]
         with served.use() as (model, result):
             src.publish("m", {"model.txt": b"v2"}, alias="prod")
             served.refresh()
             assert served.get().result.version == "m/2"
             assert (model, result.version) == (Toy("v1"), "m/1")  # the request finishes with v1
-            assert loader.released == []
-        assert loader.released == ["m/1"]
+            assert loader.leases == ["+m/1", "+m/2"]
+        assert loader.leases == ["+m/1", "+m/2", "-m/1"]
         src.publish("m", {"model.txt": b"v3"}, alias="prod")
         served.refresh()  # nobody uses v2: released at the swap
-        assert loader.released == ["m/1", "m/2"]
+        assert loader.leases == ["+m/1", "+m/2", "-m/1", "+m/3", "-m/2"]
 
 
 def test_stop_ends_the_watcher_promptly(make: Any) -> None:

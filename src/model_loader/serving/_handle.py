@@ -45,7 +45,15 @@ DEFAULT_RETRY_INTERVAL = 10.0  # before anything is served, when reloading is of
 
 
 @runtime_checkable
-class _ReleasesLeases(Protocol):
+class _CountedLeases(Protocol):
+    """Counted, in-process leases on the cache entry behind a result (asked of the loader).
+
+    The handle holds one per snapshot, from its swap-in until no request uses it, so the
+    files of a model that reads them lazily are never evicted under a running request.
+    """
+
+    def retain(self, result: FetchResult) -> None: ...
+
     def release(self, result: FetchResult) -> None: ...
 
 
@@ -247,9 +255,12 @@ class ServedModel:
 
     def status(self) -> ServingStatus:
         """A consistent snapshot of the state and the served version."""
-        served = self._current
+        served = self._current  # one read: state and version agree
         result = served.pair.result if served is not None else None
-        state = self.state
+        if served is None:
+            state = ServingState.FAILED if self._attempted else ServingState.LOADING
+        else:
+            state = ServingState.DEGRADED if self._degraded else ServingState.READY
         return ServingStatus(
             reference=self.name,
             state=state,
@@ -421,6 +432,7 @@ class ServedModel:
 
     def _install(self, loaded: LoadedModel, old: _Served | None) -> None:
         new = _Served(loaded, time.time())
+        self._lease("retain", new)
         with self._users_lock:
             self._current = new
             drained = False
@@ -432,15 +444,17 @@ class ServedModel:
             self._release(old)
 
     def _release(self, old: _Served) -> None:
-        """A retired version nobody uses any more: drop its cache lease unless it serves again."""
-        current = self._current
-        if current is not None and current.pair.result.path == old.pair.result.path:
-            return
-        if isinstance(self._loader, _ReleasesLeases):
-            try:
-                self._loader.release(old.pair.result)
-            except Exception:  # releasing is housekeeping: never let it break serving
-                logger.warning("%s: could not release version %s", self.name, old.pair.result.version, exc_info=True)
+        """A retired version nobody uses any more: drop its lease (the new one holds its own)."""
+        self._lease("release", old)
+
+    def _lease(self, action: str, served: _Served) -> None:
+        loader = self._loader
+        if not isinstance(loader, _CountedLeases):
+            return  # the loader keeps the served version's lease on its own
+        try:
+            (loader.retain if action == "retain" else loader.release)(served.pair.result)
+        except Exception:  # leases are housekeeping: never let them break serving
+            logger.warning("%s: could not %s version %s", self.name, action, served.pair.result.version, exc_info=True)
 
     def _emit(
         self,
