@@ -38,7 +38,7 @@ def add_parser(
         "bench",
         parents=[common],
         help="time cold and warm loads of a model: resolve, fetch, verify, deserialize",
-        description=__doc__.split("\n\n", 1)[1] if __doc__ else None,
+        description=__doc__.split("\n\n", 1)[1].replace("``", "") if __doc__ else None,
     )
     parser.add_argument("uris", nargs="+", metavar="URI", help="sources, tried in order (models:/, s3://, paths)")
     parser.add_argument(

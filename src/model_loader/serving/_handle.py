@@ -94,7 +94,8 @@ class ServedModel:
     interval; a registry outage only flags the handle ``degraded``.
 
     Args:
-        sources: URIs or ``(source, uri)`` pairs tried in order (default: ``config.sources``).
+        sources: One URI, or URIs or ``(source, uri)`` pairs tried in order (default:
+            ``config.sources``).
         name: The name in events, logs and metric labels (default: the first source URI).
         config: Loader settings (default: :meth:`LoaderConfig.from_env`).
         loader_fn: Turns a model directory into an object (default: MLflow pyfunc).
@@ -119,7 +120,7 @@ class ServedModel:
 
     def __init__(
         self,
-        sources: Sequence[SourceLike] | None = None,
+        sources: SourceLike | Sequence[SourceLike] | None = None,
         *,
         name: str | None = None,
         config: LoaderConfig | None = None,
@@ -387,10 +388,10 @@ class ServedModel:
             self._metrics.observe_load(self.name, result)
         current = self._current
         if current is None:
-            self._install(loaded, None)
+            self._degraded = result.degraded  # before the snapshot is visible: never "ready" for a moment
             self._last_error = None
             self._streak = None
-            self._degraded = result.degraded
+            self._install(loaded, None)
             self._emit("loaded", result=result)
             if result.degraded:
                 self._emit("degraded", result=result, error=_outage(result))
