@@ -126,6 +126,9 @@ class S3Source:
         request_backoff: Seconds before the first such retry (doubling, full jitter, at
             most 2 s, never past the deadline).
         addressing_style: ``"path"`` or ``"virtual"`` bucket addressing (default: boto3's).
+        verify: TLS verification of the endpoint: ``False`` to skip it (MLflow's
+            ``MLFLOW_S3_IGNORE_TLS``), a CA bundle path, or ``None`` for boto3's default
+            (``AWS_CA_BUNDLE`` or the system's).
 
     Example:
         >>> source = S3Source(endpoint_url="http://127.0.0.1:9000")
@@ -157,6 +160,7 @@ class S3Source:
         request_attempts: int = 5,
         request_backoff: float = 0.1,
         addressing_style: str | None = None,
+        verify: bool | str | None = None,
     ) -> None:
         if connect_timeout <= 0 or read_timeout <= 0:
             raise ValueError("connect_timeout and read_timeout must be positive")
@@ -185,7 +189,15 @@ class S3Source:
         self._owns_client = client is None
         if client is None:
             client = self._build_client(
-                endpoint_url, region, profile, session, connect_timeout, read_timeout, max_concurrency, addressing_style
+                endpoint_url,
+                region,
+                profile,
+                session,
+                connect_timeout,
+                read_timeout,
+                max_concurrency,
+                addressing_style,
+                verify,
             )
         self._client: S3Client = client
         self._guard = RequestGuard()
@@ -205,6 +217,7 @@ class S3Source:
         read_timeout: float,
         max_concurrency: int,
         addressing_style: str | None,
+        verify: bool | str | None = None,
     ) -> S3Client:
         try:
             import boto3
@@ -232,7 +245,7 @@ class S3Source:
                 # timestamps (LastModified) are never used: skip parsing them (a third of a listing's parse time)
                 core.get_component("response_parser_factory").set_parser_defaults(timestamp_parser=str)
                 session = boto3.session.Session(profile_name=profile, region_name=region, botocore_session=core)
-            return session.client("s3", endpoint_url=endpoint_url, region_name=region, config=config)
+            return session.client("s3", endpoint_url=endpoint_url, region_name=region, config=config, verify=verify)
 
     @classmethod
     def from_settings(cls, settings: SourceSettings) -> S3Source:
