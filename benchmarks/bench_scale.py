@@ -48,7 +48,7 @@ print(json.dumps({"seconds": time.monotonic() - t0, "from_cache": r.from_cache})
 
 def _run(rig: Rig, caches: list[tuple[str, Path]], mode: str, extra: tuple[str, ...] = ()) -> tuple[float, float]:
     """Start one process per ``(host id, cache dir)`` at once; (wall seconds, origin copies)."""
-    before = len(rig.proxy.requests("GET"))
+    before = rig.proxy.body_bytes
     t0 = time.monotonic()
     procs = [
         subprocess.Popen(
@@ -64,7 +64,7 @@ def _run(rig: Rig, caches: list[tuple[str, Path]], mode: str, extra: tuple[str, 
         if p.returncode != 0:
             raise RuntimeError(f"a process failed: {out}")
     wall = time.monotonic() - t0
-    return wall, _origin_bytes(rig, rig.proxy.requests("GET")[before:]) / rig.size
+    return wall, _origin_bytes(rig, before) / rig.size
 
 
 def _mounts(backing: Path, hosts: int) -> list[Path] | None:

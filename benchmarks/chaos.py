@@ -209,7 +209,7 @@ def herd_kill(rig: Rig, trials: int, scratch: Path) -> dict[str, Any]:
     try:
         for i in range(max(1, trials // 4)):
             cache = scratch / f"h{i}"
-            before = len(rig.proxy.requests("GET"))
+            before = rig.proxy.body_bytes
             downloader = _child(rig, cache)
             deadline = time.monotonic() + 60
             while not list((cache / ".staging").glob("*/journal.jsonl")) and time.monotonic() < deadline:
@@ -223,25 +223,15 @@ def herd_kill(rig: Rig, trials: int, scratch: Path) -> dict[str, Any]:
                 if out["ok"]:
                     out["wrong"] = _tree_digest(Path(out["path"])) != rig.expected
                 outcomes.append(out)
-            copies.append(round(_origin_bytes(rig, rig.proxy.requests("GET")[before:]) / rig.size, 3))
+            copies.append(round(_origin_bytes(rig, before) / rig.size, 3))
     finally:
         rig.proxy.bandwidth = None
     return _row("herd of 8, downloader killed", outcomes, "< 1.3 copies, 0 wrong bytes", copies=copies)
 
 
-def _origin_bytes(rig: Rig, requests: list[Any]) -> int:
-    sizes = {f"/chaos/m/{p}": len(b) for p, b in rig.files.items()}
-    total = 0
-    for seen in requests:
-        size = sizes.get(seen.path)
-        if size is None:
-            continue
-        if seen.range:
-            start, _, end = seen.range.removeprefix("bytes=").partition("-")
-            total += (int(end) if end else size - 1) - int(start) + 1
-        else:
-            total += size
-    return total
+def _origin_bytes(rig: Rig, since: int) -> int:
+    """Body bytes the proxy really sent since ``since`` (a cut-short GET counts what it sent)."""
+    return rig.proxy.body_bytes - since
 
 
 class _Hostile:

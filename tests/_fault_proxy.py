@@ -104,6 +104,7 @@ class FaultProxy:
     bandwidth: float | None = None
     seen: list[Seen] = field(default_factory=list)
     faults: Counter[str] = field(default_factory=Counter)
+    body_bytes: int = 0  # response body bytes really sent to clients (what an origin would bill)
     before_forward: Callable[[Seen], None] | None = None
 
     def __post_init__(self) -> None:
@@ -303,6 +304,8 @@ class _Handler(BaseHTTPRequestHandler):
                     chunk = chunk[:i] + bytes([chunk[i] ^ 0xFF]) + chunk[i + 1 :]
                 self.wfile.write(chunk)
                 sent += len(chunk)
+                with proxy._lock:
+                    proxy.body_bytes += len(chunk)
                 if cut is not None and sent >= cut:
                     break
             if cut is not None:
