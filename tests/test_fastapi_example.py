@@ -100,13 +100,14 @@ class Traffic:
 
     def __post_init__(self) -> None:
         self._stop = threading.Event()
+        self._client = httpx.Client(base_url=self.app.client.base_url, timeout=30)  # its own connection
         self._thread = threading.Thread(target=self._run, name="traffic")
         self._thread.start()
 
     def _run(self) -> None:
         while not self._stop.is_set():
             try:
-                resp = self.app.predict()
+                resp = self._client.post("/predict", json={"inputs": X.tolist()})
             except httpx.HTTPError as exc:
                 self.failures.append(f"{type(exc).__name__}: {exc}")
                 continue
@@ -124,6 +125,7 @@ class Traffic:
     def stop(self) -> None:
         self._stop.set()
         self._thread.join(30)
+        self._client.close()
 
 
 def publish(server: MlflowServer, shift: int) -> tuple[str, list[int]]:
