@@ -433,7 +433,7 @@ def test_a_group_loads_each_distinct_version_once(src: InMemorySource, ref: Mode
     refs = {
         "champion": [(src, "mem://m?alias=prod")],
         "challenger": [(src, "mem://m?alias=challenger")],
-        "pinned": [(src, "mem://m?version=1")],
+        "pinned": (src, "mem://m?version=1"),  # one source needs no list
     }
     with ModelGroup(refs, config=fast_config(tmp_path), loader_fn=fn, reload_interval=3600).start() as group:
         assert group.wait_ready(30)

@@ -30,7 +30,8 @@ class ModelGroup(Mapping[str, ServedModel]):
     is downloaded once and deserialized once; each handle reports its own version.
 
     Args:
-        references: ``name -> sources`` (one URI, or URIs tried in order).
+        references: ``name -> sources``: one URI or ``(source, uri)`` pair, or several tried
+            in order.
         config: Loader settings shared by every reference (default: from the environment).
             The memory budget is ``config.cache.memory_items``, but at least two objects per
             reference (the served one and the next).
@@ -45,7 +46,7 @@ class ModelGroup(Mapping[str, ServedModel]):
 
     def __init__(
         self,
-        references: Mapping[str, str | Sequence[SourceLike]],
+        references: Mapping[str, SourceLike | Sequence[SourceLike]],
         *,
         config: LoaderConfig | None = None,
         loader_fn: LoaderFn | None = None,
@@ -71,8 +72,7 @@ class ModelGroup(Mapping[str, ServedModel]):
         self._handles: dict[str, ServedModel] = {}
         try:
             for name, sources in references.items():
-                uris = [sources] if isinstance(sources, str) else list(sources)
-                loader = ResilientLoader(uris, config=config, memory=self.memory)
+                loader = ResilientLoader(sources, config=config, memory=self.memory)  # one source or several
                 self._loaders.append(loader)
                 self._handles[name] = ServedModel(
                     name=name,
