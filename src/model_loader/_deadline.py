@@ -132,6 +132,10 @@ def _ignore_bytes(n: int) -> None:
     return None
 
 
+def _ignore_prefix(path: str, n: int) -> None:
+    return None
+
+
 @dataclass(frozen=True)
 class FetchContext:
     """What a source's ``fetch`` may know about the attempt it is running in.
@@ -145,11 +149,19 @@ class FetchContext:
             or the next process resumes after it.
         progress: Call with the number of bytes just written, from any thread, as they
             arrive (progress bars and metrics; cheap).
+        partial: Files of which an earlier attempt wrote the first N bytes into ``dest``
+            (``path -> N``; the file may be longer): a resumable source may continue such a
+            file at byte N, but must still check the whole file (hash it from byte 0).
+        file_progress: Call with ``(path, n)`` when the first ``n`` bytes of a large file
+            are written contiguously (every few MiB, not per chunk): the cache journals it,
+            so a retry or the next process continues the file there.
     """
 
     completed: Mapping[str, FileEntry] = field(default_factory=lambda: MappingProxyType({}))
     file_done: Callable[[FileEntry], None] = _ignore
     progress: Callable[[int], None] = _ignore_bytes
+    partial: Mapping[str, int] = field(default_factory=lambda: MappingProxyType({}))
+    file_progress: Callable[[str, int], None] = _ignore_prefix
 
     @staticmethod
     def current() -> FetchContext:

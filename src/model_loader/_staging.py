@@ -3,10 +3,13 @@
 Layout of one staging directory (``<cache>/.staging/<key>.<id>/``)::
 
     files/...          what the source writes (becomes the entry's files/)
-    journal.jsonl      one line per file completed and checked by the source
+    journal.jsonl      one line per file completed and checked by the source, and one per
+                       contiguous prefix written of a large file still in progress
 
 A file is kept across attempts only once it is in the journal; anything else in
-``files/`` is a partial write and is removed before the next attempt. When a process
+``files/`` is a partial write and is removed before the next attempt, except the
+journalled prefix of a large file, which the source continues (and checks whole at the
+end: the prefix is hashed again with the rest). When a process
 dies, the next process that takes the entry's lock adopts its staging directory,
 checks every journalled file again (size and SHA-256: the page cache may not have
 reached the disk) and asks the source only for the rest.
@@ -38,10 +41,23 @@ logger = logging.getLogger("model_loader.cache")
 JOURNAL = "journal.jsonl"
 
 
+def _parse_prefix(line: str) -> tuple[str, int] | None:
+    try:
+        data = json.loads(line)
+        if not isinstance(data, dict) or set(data) != {"path", "prefix"}:
+            return None
+        path, prefix = data["path"], data["prefix"]
+        if not isinstance(path, str) or type(prefix) is not int or prefix <= 0:
+            return None
+        return safe_relpath(path), prefix
+    except (ValueError, IntegrityError):
+        return None
+
+
 def _parse_line(line: str) -> FileEntry | None:
     try:
         data = json.loads(line)
-        if not isinstance(data, dict):
+        if not isinstance(data, dict) or "prefix" in data:
             return None
         path, size, sha = data.get("path"), data.get("size"), data.get("sha256")
         verified = data.get("verified")
@@ -68,6 +84,7 @@ class Staging:
         self._journal_path = root / JOURNAL
         self._lock = threading.Lock()
         self._done: dict[str, FileEntry] = {}
+        self._prefix: dict[str, int] = {}  # large files in progress: bytes written contiguously
         self._progress = progress
         self.attempts = 0
         self.progressed = False  # the last attempt completed at least one file
@@ -79,6 +96,11 @@ class Staging:
     def completed(self) -> dict[str, FileEntry]:
         with self._lock:
             return dict(self._done)
+
+    @property
+    def partial(self) -> dict[str, int]:
+        with self._lock:
+            return {p: n for p, n in self._prefix.items() if p not in self._done}
 
     # -- resuming ---------------------------------------------------------------------
 
@@ -93,7 +115,12 @@ class Staging:
             logger.warning("cannot read the journal of %s (%s); starting this staging afresh", self.root, exc)
             lines = []
         kept: dict[str, FileEntry] = {}
+        prefixes: dict[str, int] = {}
         for line in lines:
+            prefix = _parse_prefix(line)
+            if prefix is not None:
+                prefixes[prefix[0]] = max(prefix[1], prefixes.get(prefix[0], 0))
+                continue
             entry = _parse_line(line)
             if entry is None:
                 continue
@@ -106,26 +133,45 @@ class Staging:
             except OSError:
                 continue
             kept[entry.path] = entry
+        for rel, n in list(prefixes.items()):
+            try:
+                size = (self.files_dir / rel).stat().st_size if rel not in kept else 0
+            except OSError:
+                size = 0
+            if rel in kept or size <= 0:
+                del prefixes[rel]
+            else:
+                prefixes[rel] = min(n, size)
         with self._lock:
             self._done = kept
+            self._prefix = prefixes
         self._rewrite_journal()
         self.discard_partial()
-        if kept:
-            logger.info("resuming %s: %d files already fetched and verified", self.root.name, len(kept))
+        if kept or prefixes:
+            logger.info(
+                "resuming %s: %d files already fetched and verified, %d MiB of %d more",
+                self.root.name,
+                len(kept),
+                sum(prefixes.values()) // (1024 * 1024),
+                len(prefixes),
+            )
         return len(kept)
 
     def _rewrite_journal(self) -> None:
         lines = "".join(json.dumps(_entry_json(e)) + "\n" for e in self.completed.values())
+        lines += "".join(json.dumps({"path": p, "prefix": n}) + "\n" for p, n in self.partial.items())
         tmp = self.root / f".{JOURNAL}.tmp"
         with cache_errors(f"writing the journal of {self.root}"):
             tmp.write_text(lines)
             os.replace(tmp, self._journal_path)
 
     def discard_partial(self) -> None:
-        """Remove every file and directory under ``files/`` that is not journalled."""
+        """Remove every file and directory under ``files/`` that is not journalled; cut a
+        large file in progress back to its journalled prefix."""
         done = self.completed
+        prefixes = self.partial
         keep_dirs = {""}
-        for rel in done:
+        for rel in [*done, *prefixes]:
             parts = rel.split("/")
             keep_dirs.update("/".join(parts[:i]) for i in range(1, len(parts)))
         with cache_errors(f"cleaning staging directory {self.root}"):
@@ -134,8 +180,12 @@ class Staging:
                 rel_dir = "" if rel_dir == "." else rel_dir.replace(os.sep, "/")
                 for name in names:
                     rel = f"{rel_dir}/{name}" if rel_dir else name
-                    if rel not in done:
-                        os.unlink(os.path.join(dirpath, name))
+                    full = os.path.join(dirpath, name)
+                    if rel in prefixes and not os.path.islink(full):
+                        if os.stat(full).st_size > prefixes[rel]:
+                            os.truncate(full, prefixes[rel])
+                    elif rel not in done:
+                        os.unlink(full)
                 for name in dirnames:
                     rel = f"{rel_dir}/{name}" if rel_dir else name
                     full = os.path.join(dirpath, name)
@@ -148,6 +198,7 @@ class Staging:
         """Start from an empty ``files/`` (for sources that cannot resume)."""
         with self._lock:
             self._done = {}
+            self._prefix = {}
         with cache_errors(f"cleaning staging directory {self.root}"):
             shutil.rmtree(self.files_dir, ignore_errors=True)
             self.files_dir.mkdir(parents=True, exist_ok=True)
@@ -155,6 +206,15 @@ class Staging:
                 self._journal_path.unlink()
 
     # -- one attempt ------------------------------------------------------------------
+
+    def _file_progress(self, path: str, n: int) -> None:
+        line = json.dumps({"path": path, "prefix": n}) + "\n"
+        with self._lock:
+            if n <= self._prefix.get(path, 0) or path in self._done:
+                return
+            self._prefix[path] = n
+            with open(self._journal_path, "a", encoding="utf-8") as f:
+                f.write(line)
 
     def _file_done(self, entry: FileEntry) -> None:
         line = json.dumps(_entry_json(entry)) + "\n"
@@ -176,6 +236,7 @@ class Staging:
         else:
             self.wipe()
         before = self.completed
+        prefixes_before = self.partial
         if resumable and resolved.files is not None and before:
             wanted = {(f.path, f.size) for f in resolved.files}
             stale = [e.path for e in before.values() if (e.path, e.size) not in wanted]
@@ -195,13 +256,18 @@ class Staging:
         ctx = FetchContext(
             completed=MappingProxyType(before if resumable else {}),
             file_done=self._file_done,
+            partial=MappingProxyType(self.partial if resumable else {}),
+            file_progress=self._file_progress,
             progress=self._progress or FetchContext().progress,
         )
         try:
             with ctx.applied():
                 manifest = source.fetch(todo, self.files_dir)
         finally:
-            self.progressed = resumable and len(self.completed) > len(before)
+            grew = len(self.completed) > len(before) or any(
+                n > prefixes_before.get(p, 0) for p, n in self.partial.items()
+            )
+            self.progressed = resumable and grew
         merged = {p: e for p, e in before.items() if (self.files_dir / p).is_file()} if resumable else {}
         merged.update((e.path, e) for e in manifest.files)  # files the source removed are not kept
         return Manifest.of(merged.values())
