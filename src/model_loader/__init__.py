@@ -28,6 +28,7 @@ from model_loader.errors import (
     MissingDependencyError,
     ModelLoaderError,
     ModelNotFoundError,
+    ModelNotReadyError,
     SourceError,
     SourceTimeoutError,
     SourceUnavailableError,
@@ -45,7 +46,9 @@ from model_loader.protocol import (
 if TYPE_CHECKING:
     from model_loader.config import CacheConfig, LoaderConfig, RetryPolicy
     from model_loader.loader import ResilientLoader
+    from model_loader.metrics import ServingMetrics
     from model_loader.registry import register_source
+    from model_loader.serving import ModelGroup, ServedModel, ServingEvent, ServingState
 
 __version__ = "0.1.0"
 
@@ -67,13 +70,19 @@ __all__ = [
     "LoaderConfig",
     "Manifest",
     "MissingDependencyError",
+    "ModelGroup",
     "ModelLoaderError",
     "ModelNotFoundError",
+    "ModelNotReadyError",
     "ModelRef",
     "ModelSource",
     "ResilientLoader",
     "ResolvedModel",
     "RetryPolicy",
+    "ServedModel",
+    "ServingEvent",
+    "ServingMetrics",
+    "ServingState",
     "SourceCapabilities",
     "SourceError",
     "SourceSettings",
@@ -94,6 +103,11 @@ _LAZY = {
     "RetryPolicy": "model_loader.config",
     "ResilientLoader": "model_loader.loader",
     "register_source": "model_loader.registry",
+    "ServedModel": "model_loader.serving",
+    "ModelGroup": "model_loader.serving",
+    "ServingEvent": "model_loader.serving",
+    "ServingState": "model_loader.serving",
+    "ServingMetrics": "model_loader.metrics",
 }
 
 

@@ -207,6 +207,7 @@ class DiskCache:
         self._manifests: dict[str, tuple[tuple[int, int], CachedEntry]] = {}
         self._touched: dict[str, float] = {}
         self._leases: dict[str, int] = {}
+        self._retained: dict[str, int] = {}  # keys held by users beyond the loader (serving handles)
         self._mutex = threading.Lock()
         if not self.read_only:
             self._clean_staging(published_only=True)
@@ -385,9 +386,26 @@ class DiskCache:
         with contextlib.suppress(OSError):
             marker.unlink()
 
-    def release_lease(self, key: str) -> None:
-        """Stop protecting ``key`` from eviction by other processes (it is no longer served)."""
+    def retain(self, key: str) -> None:
+        """Keep ``key``'s lease until a matching :meth:`release`, whatever the loader serves."""
         with self._mutex:
+            self._retained[key] = self._retained.get(key, 0) + 1
+
+    def release(self, key: str) -> None:
+        """Undo one :meth:`retain`; the lease goes once nothing retains or serves ``key``."""
+        with self._mutex:
+            left = self._retained.get(key, 0) - 1
+            if left > 0:
+                self._retained[key] = left
+                return
+            self._retained.pop(key, None)
+
+    def release_lease(self, key: str) -> None:
+        """Stop protecting ``key`` from eviction by other processes (it is no longer served),
+        unless a user still retains it."""
+        with self._mutex:
+            if self._retained.get(key):
+                return
             fd = self._leases.pop(key, None)
         if fd is not None:
             os.close(fd)
@@ -396,6 +414,8 @@ class DiskCache:
 
     def release_all(self) -> None:
         """Drop every lease this process holds."""
+        with self._mutex:
+            self._retained.clear()
         for key in list(self._leases):
             self.release_lease(key)
 

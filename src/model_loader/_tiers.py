@@ -148,6 +148,14 @@ class TieredCache:
         for tier in self.tiers:
             tier.release_lease(key)
 
+    def retain(self, key: str) -> None:
+        for tier in self.tiers:
+            tier.retain(key)
+
+    def release(self, key: str) -> None:
+        for tier in self.tiers:
+            tier.release(key)
+
     def release_all(self) -> None:
         for tier in self.tiers:
             tier.release_all()

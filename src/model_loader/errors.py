@@ -17,6 +17,7 @@ derive from the matching builtin so callers can keep their ``except`` clauses::
     ├── IntegrityError                    # size or hash mismatch; staging discarded
     ├── CacheError(ModelLoaderError, OSError)   # disk full, lock timeout, unwritable cache
     ├── DeserializationError              # the loader function raised
+    ├── ModelNotReadyError(ModelLoaderError, RuntimeError)    # serving: nothing loaded yet
     └── AllSourcesFailedError             # .failures: every source's error, in order
 
 Sources translate their SDK's exceptions in exactly one place (a ``_map_errors()``
@@ -38,6 +39,7 @@ __all__ = [
     "MissingDependencyError",
     "ModelLoaderError",
     "ModelNotFoundError",
+    "ModelNotReadyError",
     "SourceError",
     "SourceTimeoutError",
     "SourceUnavailableError",
@@ -119,6 +121,10 @@ class CacheError(ModelLoaderError, OSError):
 
 class DeserializationError(ModelLoaderError):
     """The loader function raised while turning a fetched model into an object."""
+
+
+class ModelNotReadyError(ModelLoaderError, RuntimeError):
+    """No model is served yet: the first load is running, or failed and will be retried."""
 
 
 class AllSourcesFailedError(ModelLoaderError):

@@ -269,6 +269,18 @@ class ResilientLoader:
 
         return await asyncio.to_thread(self.load, loader_fn)
 
+    def retain(self, result: FetchResult) -> None:
+        """Keep ``result``'s cache entry protected from eviction until :meth:`release`,
+        even after this loader serves another version (requests may still use it)."""
+        self.cache.retain(result.path.parent.name)
+
+    def release(self, result: FetchResult) -> None:
+        """Undo one :meth:`retain`; the entry's lease goes once nothing uses it."""
+        key = result.path.parent.name
+        self.cache.release(key)
+        if key not in self._serving.values():
+            self.cache.release_lease(key)
+
     def close(self) -> None:
         """Close the sources this loader built and release cache leases. Idempotent."""
         for spec in self._specs:

@@ -9,17 +9,13 @@ from dataclasses import dataclass
 from typing import Literal
 
 from model_loader._types import FetchResult
-from model_loader.errors import AllSourcesFailedError, ModelLoaderError
+from model_loader.errors import AllSourcesFailedError, ModelNotReadyError
 
 __all__ = ["EventKind", "EventListener", "ModelNotReadyError", "ServingEvent", "ServingState", "ServingStatus"]
 
 logger = logging.getLogger("model_loader.serving")
 
 EventKind = Literal["loaded", "load_failed", "swapped", "reload_failed", "degraded", "recovered"]
-
-
-class ModelNotReadyError(ModelLoaderError, RuntimeError):
-    """No model is served yet: the first load is running, or failed and will be retried."""
 
 
 class ServingState(str, enum.Enum):
