@@ -18,6 +18,8 @@ SUITES = {
     "startup": "bench_startup.py",
     "s3": "bench_s3.py",
     "mlflow": "bench_mlflow.py",
+    "serving": "bench_serving.py",
+    "scale": "bench_scale.py",
 }
 
 
