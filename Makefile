@@ -52,7 +52,7 @@ bench: $(VENV)/.test-deps
 chaos: $(VENV)/.test-deps
 	$(BIN)/python benchmarks/chaos.py
 
-serve-example: $(VENV)/.test-deps
+serve-example: $(VENV)/.demo-deps
 	$(BIN)/uvicorn --app-dir examples fastapi_app:app --host 127.0.0.1 --port $${PORT:-8000}
 
 clean:
