@@ -41,8 +41,8 @@ from model_loader import (
     SourceTimeoutError,
     parse_ref,
 )
-from model_loader.sources._mlflow_artifacts import MAX_DEPTH
 from model_loader.sources.mlflow import MlflowRegistrySource
+from model_loader.sources.mlflow._artifacts import MAX_DEPTH
 
 FILES = {"MLmodel": b"flavors: {}\n", "weights/w.bin": os.urandom(5000), "conf.txt": b"abc"}
 GOOD_VERSION = {"name": "m", "version": "1", "status": "READY"}
@@ -278,7 +278,7 @@ def test_malformed_presign_answer_streams_through_the_server(
         src = make_source(srv.url, max_concurrency=1)
         got = fetch(src, tmp_path)
     assert set(got) == set(FILES)
-    assert not src._presign.enabled
+    assert not src._stores.presign.enabled
     assert "s3cr3t" not in caplog.text
 
 

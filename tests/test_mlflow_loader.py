@@ -3,6 +3,7 @@ credentials, the default pyfunc deserializer, the CLI, and the embedded sqlite r
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -209,8 +210,12 @@ def test_sqlite_registry_through_mlflow_client(tmp_path: Path) -> None:
     assert not db.exists()  # never recreated empty behind the user's back
 
 
-def test_generic_mlflow_artifact_repository_path(tmp_path: Path) -> None:
-    from model_loader.sources import _mlflow_artifacts as artifacts
+@pytest.mark.parametrize(
+    ("sub", "expected"),
+    [("", {"sub/b.bin": b"bb"}), ("sub", {"b.bin": b"bb"}), ("sub/b.bin", {"b.bin": b"bb"})],
+)
+def test_generic_mlflow_artifact_repository_path(tmp_path: Path, sub: str, expected: dict[str, bytes]) -> None:
+    from model_loader.sources.mlflow import _artifacts as artifacts
 
     root = tmp_path / "store"
     (root / "sub").mkdir(parents=True)
@@ -218,18 +223,13 @@ def test_generic_mlflow_artifact_repository_path(tmp_path: Path) -> None:
     (root / "sub" / "b.bin").write_bytes(b"bb")
     dest = tmp_path / "dest"
     dest.mkdir()
-    manifest = artifacts.fetch_with_mlflow(
-        root.as_uri(),
-        dest,
-        tracking_uri="file:///unused",
-        registry_uri="file:///unused",
-        include=(),
-        exclude=("*.txt",),
-        deadline=Deadline(60.0),
-        context=FetchContext(),
+    repo, listing = artifacts.list_with_mlflow(
+        root.as_uri(), sub, tracking_uri="file:///unused", registry_uri="file:///unused", deadline=Deadline(60.0)
     )
-    assert [(e.path, e.size) for e in manifest.files] == [("sub/b.bin", 2)]
-    assert read_tree(dest) == {"sub/b.bin": b"bb"}
+    listing = dataclasses.replace(listing, files=tuple(f for f in listing.files if not f[0].endswith(".txt")))
+    manifest = artifacts.download_with_mlflow(repo, listing, dest, deadline=Deadline(60.0), context=FetchContext())
+    assert {e.path: e.size for e in manifest.files} == {p: len(d) for p, d in expected.items()}
+    assert read_tree(dest) == expected
 
 
 def test_mlflow_demo_runs_and_ends_degraded(tmp_path: Path) -> None:

@@ -34,10 +34,11 @@ from model_loader import (
     SourceUnavailableError,
     parse_ref,
 )
-from model_loader.sources import _mlflow_errors as mlflow_errors
-from model_loader.sources import mlflow as mlflow_source
-from model_loader.sources._mlflow_errors import HttpStatusError
 from model_loader.sources.mlflow import MlflowRegistrySource
+from model_loader.sources.mlflow import _errors as mlflow_errors
+from model_loader.sources.mlflow import _http as mlflow_http
+from model_loader.sources.mlflow import _source as mlflow_source_module
+from model_loader.sources.mlflow._errors import HttpStatusError
 from model_loader.testing.conformance import Publish, SourceConformanceTests
 
 pytestmark = pytest.mark.slow
@@ -146,7 +147,7 @@ def test_stage_reference_resolves_and_warns_once(
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         client.transition_model_version_stage(IRIS, "1", "Staging")
-    monkeypatch.setattr(mlflow_source, "_stage_warned", set())
+    monkeypatch.setattr(mlflow_source_module, "_stage_warned", set())
     with pytest.warns(DeprecationWarning, match="stages are deprecated"):
         assert source.resolve(parse_ref("models:/iris/staging")).version == f"{IRIS}/1"
     with warnings.catch_warnings():
@@ -246,12 +247,12 @@ def test_proxied_artifacts_with_and_without_presigned_urls(
     mlflow_proxied_server: MlflowServer, presigned: bool, tmp_path: Path
 ) -> None:
     src = make_source(mlflow_proxied_server.url)
-    src._presign.enabled = presigned
+    src._stores.presign.enabled = presigned
     files = {"MLmodel": b"m", "nested/a.bin": os.urandom(3000), "empty.txt": b""}
     ref = mlflow_proxied_server.publish_files(f"presign-{os.urandom(4).hex()}", files, "prod")
     got = fetch_to(src, ref, tmp_path / "d")
     assert got == {p: hashlib.sha256(b).hexdigest() for p, b in files.items()}
-    assert src._presign.enabled is presigned
+    assert src._stores.presign.enabled is presigned
     src.close()
 
 
@@ -283,10 +284,10 @@ def test_presigned_url_failures(
         if storage == "404":
             with pytest.raises(ModelNotFoundError):
                 fetch_to(src, ref, tmp_path / "d")
-            assert src._presign.enabled
+            assert src._stores.presign.enabled
         else:
             assert set(fetch_to(src, ref, tmp_path / "d")) == set(files)
-            assert not src._presign.enabled
+            assert not src._stores.presign.enabled
         assert "s3cr3t" not in caplog.text
     finally:
         stub.close()
@@ -512,7 +513,7 @@ def test_idle_connection_closed_by_server_is_replaced(tmp_path: Path) -> None:
         src = make_source(stub.url)
         http = src._http
         assert http is not None
-        ep = mlflow_source.Endpoint.parse(stub.url)
+        ep = mlflow_http.Endpoint.parse(stub.url)
         for _ in range(3):
             body = http.get_json(ep, "/api/2.0/mlflow/model-versions/get", deadline=Deadline(10.0))
             assert json.loads(body)["model_version"]["name"] == "m"

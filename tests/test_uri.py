@@ -26,6 +26,34 @@ from model_loader import InvalidReferenceError, UnknownSchemeError, parse_ref
         ("file:///srv/models/iris", "file", "/srv/models/iris", None, "none", "file:///srv/models/iris"),
         ("file://localhost/srv/m", "file", "/srv/m", None, "none", "file:///srv/m"),
         ("/srv/models/iris/", "file", "/srv/models/iris", None, "none", "file:///srv/models/iris"),
+        # read as MLflow's client reads them (split_models_uri, then _parse_model_uri)
+        ("models:/iris/3/", "models", "iris", "3", "version", "models:/iris/3"),
+        ("models:/iris@champion/", "models", "iris", "champion", "alias", "models:/iris@champion"),
+        ("models:/m-0a1b2c/", "models", "m-0a1b2c", "m-0a1b2c", "logged_model", "models:/m-0a1b2c"),
+        ("models:///iris/3", "models", "iris", "3", "version", "models:/iris/3"),
+        ("MODELS:/iris/LATEST", "models", "iris", "latest", "latest", "models:/iris/latest"),
+        ("models:/iris@chämpion", "models", "iris", "chämpion", "alias", "models:/iris@chämpion"),
+        ("models:/iris@生产", "models", "iris", "生产", "alias", "models:/iris@生产"),
+        ("models:/team@fraud@champion", "models", "team@fraud", "champion", "alias", "models:/team@fraud@champion"),
+        ("models:/iris#1/3", "models", "iris#1", "3", "version", "models:/iris#1/3"),
+        ("models:/what?/3", "models", "what?", "3", "version", "models:/what?/3"),
+        ("models:/a%20b/3", "models", "a%20b", "3", "version", "models:/a%20b/3"),
+        ("models:/ iris/3", "models", " iris", "3", "version", "models:/ iris/3"),
+        ("models:/iris:v1/3", "models", "iris:v1", "3", "version", "models:/iris:v1/3"),
+        ("  models:/iris/3  ", "models", "iris", "3", "version", "models:/iris/3"),
+        ("runs:/0123abcd/model", "runs", "0123abcd", None, "none", "runs:/0123abcd/model"),
+        ("runs:/0123abcd/model/", "runs", "0123abcd", None, "none", "runs:/0123abcd/model"),
+        ("runs:///0123abcd/a/b", "runs", "0123abcd", None, "none", "runs:/0123abcd/a/b"),
+        ("runs:/0123abcd", "runs", "0123abcd", None, "none", "runs:/0123abcd"),
+        # S3 keys are literal, as in the AWS CLI and s3fs
+        ("s3://bucket/a%20b", "s3", "bucket/a%20b", None, "none", "s3://bucket/a%20b"),
+        ("s3://bucket//k", "s3", "bucket//k", None, "none", "s3://bucket//k"),
+        ("s3://bucket/a#b", "s3", "bucket/a#b", None, "none", "s3://bucket/a#b"),
+        ("s3://bucket/a?b", "s3", "bucket/a?b", None, "none", "s3://bucket/a?b"),
+        ("s3://bucket/what?.txt", "s3", "bucket/what?.txt", None, "none", "s3://bucket/what?.txt"),
+        ("s3://bucket/a b/", "s3", "bucket/a b/", None, "none", "s3://bucket/a b/"),
+        ("s3://bucket/what??versionId=1", "s3", "bucket/what?", "1", "version_id", "s3://bucket/what??versionId=1"),
+        ("s3://bucket", "s3", "bucket/", None, "none", "s3://bucket/"),
     ],
 )
 def test_valid_references(
@@ -40,6 +68,28 @@ def test_valid_references(
         canonical,
     )
     assert parse_ref(ref.uri) == ref  # canonical form round-trips
+
+
+@pytest.mark.parametrize(
+    ("uri", "location", "selector", "kind", "path", "canonical"),
+    [
+        ("models:/iris/3/MLmodel", "iris", "3", "version", "MLmodel", "models:/iris/3/MLmodel"),
+        ("models:/iris@champion/sub/dir/", "iris", "champion", "alias", "sub/dir", "models:/iris@champion/sub/dir"),
+        ("models:/iris/latest/a#b", "iris", "latest", "latest", "a#b", "models:/iris/latest/a#b"),
+        ("models:/iris/production/x", "iris", "Production", "stage", "x", "models:/iris/Production/x"),
+        # MLflow's split: a first segment holding '@' is name@alias, so this is file "3" of alias "fraud"
+        ("models:/team@fraud/3", "team", "fraud", "alias", "3", "models:/team@fraud/3"),
+        ("models:/team@fraud@champion/MLmodel", "team@fraud", "champion", "alias", "MLmodel", None),
+        ("runs:/0123abcd/model/MLmodel", "0123abcd", None, "none", "model/MLmodel", None),
+    ],
+)
+def test_paths_inside_a_model_are_kept_as_the_path_parameter(
+    uri: str, location: str, selector: str | None, kind: str, path: str, canonical: str | None
+) -> None:
+    ref = parse_ref(uri)
+    assert (ref.location, ref.selector, ref.selector_kind, ref.params) == (location, selector, kind, (("path", path),))
+    assert ref.uri == (canonical or uri)
+    assert parse_ref(ref.uri) == ref
 
 
 def test_relative_and_home_paths_become_absolute(tmp_path: os.PathLike[str], monkeypatch: pytest.MonkeyPatch) -> None:
@@ -66,7 +116,27 @@ def test_pinned_refs() -> None:
         ("models:iris@x", "one slash"),
         ("models://iris/1", "one slash"),
         ("models:/iris", "name the version"),
-        ("models:/iris/", "empty"),
+        ("models:/iris/", "name the version"),  # MLflow: the same as models:/iris
+        ("models:/", "names no model"),
+        ("models:///", "names no model"),
+        ("models:/ /3", "blank"),
+        ("models:/iris/ ", "name the version"),  # the reference is stripped first
+        ("models:/iris/ /x", "is empty"),
+        ("models://iris/1", "reads 'iris' as a host"),
+        ("models://prof@databricks/iris/1", "Databricks profile"),
+        ("models://databricks/iris/1", "databricks://<profile>"),
+        ("models:/iris/3//MLmodel", "empty segment"),
+        ("models:/iris/3/../x", "'..' segment"),
+        ("models:/iris/3/./x", "'.' segment"),
+        ("models:/iris/99999999999999999999", "out of range"),
+        ("models:/iris@" + "a" * 256, "at most 255"),
+        ("models:/iris\n@prod", "control character U+000A"),
+        ("models:/iris@prod?x=1", "take no query"),
+        ("models:/m-0a1b/MLmodel", "files inside a logged model"),
+        ("runs:/", "no run id"),
+        ("runs:/-abc/model", "run id"),
+        ("runs:/abc/model//x", "empty segment"),
+        ("runs://host/abc/model", "as a host"),
         ("models:/iris/0", "start at 1"),
         ("models:/iris/Prod", "not a version number"),
         ("models:/@alias", "model name"),
@@ -84,11 +154,13 @@ def test_pinned_refs() -> None:
         ("/a\0b", "NUL"),
         ("s3://[x/", "malformed URL"),
         ("s3://bucket]/k", "malformed URL"),
+        ("s3:bucket/k", "no bucket"),
         ("file://[::1/srv/m", "malformed URL"),
         ("/srv/models/\udcff", "byte 0xff at position 12 is not valid UTF-8"),
         ("s3://bucket/k\ud800", "lone surrogate U+D800"),
         ("models:/iris/\u00b2", "not a version number"),  # a digit to str.isdigit, not to int()
-        ("models:/iris/\u0663", "not a version number"),  # Arabic-Indic 3: not version 3
+        ("models:/iris/\u0663", "ASCII digits"),  # Arabic-Indic 3: not version 3
+        ("models:/iris/\u00b2/", "not a version number"),
     ],
 )
 def test_invalid_references_name_the_problem_and_the_accepted_forms(uri: str, fragment: str) -> None:
@@ -132,7 +204,11 @@ def test_bytes_are_not_a_reference() -> None:
 @pytest.mark.parametrize(
     ("uri", "key", "version_id"),
     [
-        ("s3://bucket/%2Fabs/key", "/abs/key", None),  # a key that starts with '/'
+        ("s3://bucket//abs/key", "/abs/key", None),  # a key that starts with '/'
+        ("s3://bucket/%2Fabs/key", "%2Fabs/key", None),  # literal: '%' is part of the key
+        ("s3://bucket/a#b?versionId=1", "a#b", "1"),
+        ("s3://bucket/k?1?versionId=1", "k?1", "1"),
+        ("s3://bucket/p/?exclude=model?.bin", "p/", None),
         ("s3://bucket/k?versionId=3HL4kqtJ%2Brm", "k", "3HL4kqtJ+rm"),  # '+' in a VersionId
         ("s3://bucket/k?versionId=a%26b%3Dc", "k", "a&b=c"),
     ],

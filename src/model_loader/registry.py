@@ -8,10 +8,14 @@ The rule for looking a scheme up, cheapest first:
 
 1. a scheme passed to :func:`register_source` (which is how a built-in is replaced:
    ``clobber=True``);
-2. a built-in scheme (``file``, ``s3``, ``models``): no entry points are read, which keeps
+2. a built-in scheme (``file``, ``s3``, ``models``, ``runs``): no entry points are read, which keeps
    ``model-loader fetch`` fast; an entry point naming a built-in scheme is ignored, with a
    WARNING when discovery runs;
 3. any other scheme: the entry points are read once (on that first lookup, never at import).
+
+Sources that hold references to other stores (an MLflow version whose artifacts are in
+``s3://`` or ``gs://``) build the source for that store with :func:`create_artifact_source`,
+so any scheme with a registered source works as an artifact store.
 """
 
 from __future__ import annotations
@@ -20,12 +24,13 @@ import importlib
 import logging
 import threading
 from dataclasses import dataclass
+from typing import Any
 
 from model_loader._types import ModelRef
 from model_loader.errors import MissingDependencyError, UnknownSchemeError
 from model_loader.protocol import ModelSource, SourceSettings
 
-__all__ = ["create_source", "get_source_class", "known_schemes", "register_source"]
+__all__ = ["create_artifact_source", "create_source", "get_source_class", "known_schemes", "register_source"]
 
 ENTRY_POINT_GROUP = "model_loader.sources"
 
@@ -43,6 +48,10 @@ _BUILTINS: dict[str, _Entry] = {
     "s3": _Entry("model_loader.sources.s3:S3Source", "pip install 'model-loader[s3]'"),
     "models": _Entry(
         "model_loader.sources.mlflow:MlflowRegistrySource",
+        "pip install 'model-loader[mlflow]' (needed only for non-HTTP tracking URIs)",
+    ),
+    "runs": _Entry(
+        "model_loader.sources.mlflow:MlflowRunsSource",
         "pip install 'model-loader[mlflow]' (needed only for non-HTTP tracking URIs)",
     ),
 }
@@ -146,6 +155,33 @@ def create_source(ref: ModelRef, settings: SourceSettings | None = None) -> Mode
     settings = settings or SourceSettings()
     factory = getattr(cls, "from_settings", None)
     source = factory(settings) if factory is not None else cls()
+    if not isinstance(source, ModelSource):
+        raise TypeError(f"{cls.__module__}.{cls.__qualname__} does not implement the ModelSource protocol")
+    return source
+
+
+def create_artifact_source(scheme: str, settings: SourceSettings | None = None, **options: Any) -> ModelSource:
+    """Build the source registered for ``scheme`` to read another source's artifact location.
+
+    Args:
+        scheme: The location's scheme (``"s3"``, ``"gs"``...).
+        settings: Transfer settings (timeouts, concurrency, include/exclude).
+        options: Extra keyword arguments for the class's constructor, given together with
+            the settings' transfer keywords (``SourceSettings.as_kwargs``), e.g. the S3
+            endpoint an MLflow server's variables name. Without options the class's
+            ``from_settings`` is used, as for :func:`create_source`.
+
+    Raises:
+        UnknownSchemeError: Nothing is registered for the scheme.
+        MissingDependencyError: Its module (or an SDK it needs) cannot be imported.
+    """
+    cls = get_source_class(scheme)
+    settings = settings or SourceSettings()
+    if options:
+        source = cls(**settings.as_kwargs(), **options)
+    else:
+        factory = getattr(cls, "from_settings", None)
+        source = factory(settings) if factory is not None else cls()
     if not isinstance(source, ModelSource):
         raise TypeError(f"{cls.__module__}.{cls.__qualname__} does not implement the ModelSource protocol")
     return source

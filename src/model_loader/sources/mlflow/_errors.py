@@ -1,11 +1,13 @@
 """Translating everything the MLflow source's backends raise into :mod:`model_loader.errors`.
 
-A leaf: the other ``_mlflow_*`` modules raise the small internal exceptions defined here
-(an HTTP status, a lookup that found nothing, a malformed answer, a refused location),
-and the source wraps every call in :func:`map_errors` (its one ``_map_errors``), which
-also translates socket errors, ``MlflowException`` and SQLAlchemy errors from the
-``MlflowClient`` path (recognised by module and ``error_code``, so mlflow is never
-imported here), and the S3 source's errors, re-tagged with the ``models`` scheme.
+The leaf of the package: it imports nothing of the package. The other modules raise the
+small internal exceptions defined here (an HTTP status, a lookup that found nothing, a
+malformed answer, a refused location, a listing that changed), and the sources wrap
+every call in :func:`map_errors` (their one ``_map_errors``), which also translates socket
+and TLS errors, ``MlflowException`` and SQLAlchemy errors from the ``MlflowClient`` path
+(recognised by module and ``error_code``, so mlflow is never imported here), and the
+errors of the source an artifact location was routed to, re-tagged with the
+reference's scheme.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import http.client
 import logging
+import ssl
 from collections.abc import Iterator
 from typing import NoReturn
 
@@ -26,6 +29,7 @@ from model_loader.errors import (
     SourceError,
     SourceTimeoutError,
     SourceUnavailableError,
+    StaleResolutionError,
 )
 
 __all__ = [
@@ -35,6 +39,8 @@ __all__ = [
     "LocalArtifactsRefused",
     "MalformedResponse",
     "NotFound",
+    "ProxyConfigError",
+    "StaleListing",
     "backend_error_class",
     "http_error_class",
     "map_errors",
@@ -42,7 +48,6 @@ __all__ = [
 
 logger = logging.getLogger("model_loader.sources.mlflow")
 
-SCHEME = "models"
 _BACKEND_MODULES = ("mlflow", "requests", "urllib3", "sqlalchemy", "botocore", "boto3", "google", "azure")
 _UNAVAILABLE_CODES = {
     "TEMPORARILY_UNAVAILABLE",
@@ -52,6 +57,10 @@ _UNAVAILABLE_CODES = {
     "DEADLINE_EXCEEDED",
 }
 _DENIED_CODES = {"PERMISSION_DENIED", "UNAUTHENTICATED", "CUSTOMER_UNAUTHORIZED", "UNAUTHORIZED"}
+_TLS_HINT = (
+    " (the server's certificate is not trusted: point MLFLOW_TRACKING_SERVER_CERT_PATH at its CA bundle, "
+    "or set MLFLOW_TRACKING_INSECURE_TLS=true)"
+)
 _NOT_FOUND_CODES = {"RESOURCE_DOES_NOT_EXIST", "NOT_FOUND"}
 
 
@@ -92,27 +101,42 @@ class LocalArtifactsRefused(PermissionError):
     """A remote registry named a local path as a version's artifacts; mapped to AccessDeniedError."""
 
 
+class ProxyConfigError(Exception):
+    """A proxy variable this client cannot honour (a SOCKS or https:// proxy, no host); mapped
+    to SourceError (permanent: a setting to change)."""
+
+
+class StaleListing(Exception):
+    """The artifacts changed between resolve and fetch; mapped to StaleResolutionError."""
+
+
 @contextlib.contextmanager
 def map_errors(identity: str, ref: ModelRef, what: str) -> Iterator[None]:
     """Translate every backend error into :mod:`model_loader.errors` (the only place)."""
+    scheme = ref.scheme
 
     def fail(cls: type[SourceError], message: str, exc: BaseException) -> NoReturn:
-        raise cls(f"{what} {ref.uri} ({identity}): {message}", scheme=SCHEME, ref=ref.uri) from exc
+        raise cls(f"{what} {ref.uri} ({identity}): {message}", scheme=scheme, ref=ref.uri) from exc
 
     try:
         yield
     except SourceError as exc:
-        if exc.scheme == SCHEME:
+        if exc.scheme == scheme and exc.ref == ref.uri:
             raise
-        fail(type(exc), f"artifact store: {exc}", exc)  # from the S3 source: keep the kind, tag it as ours
+        fail(type(exc), f"artifact store: {exc}", exc)  # from a routed store: keep the kind, tag it as ours
     except ModelLoaderError:
         raise  # IntegrityError, CacheError, MissingDependencyError: already ours
     except ImportError as exc:  # mlflow-skinny without sqlalchemy for a sqlite store, a missing SDK
+        missing = f"the module {exc.name!r}" if exc.name else "a package"
         raise MissingDependencyError(
-            f"{what} {ref.uri} ({identity}) needs a package that is not installed: {exc}; "
+            f"{what} {ref.uri} ({identity}) needs {missing}, which is not installed ({exc}); "
             "pip install 'model-loader[mlflow]' (a sqlite or file store needs the full 'mlflow' package)",
             extra="mlflow",
         ) from exc
+    except StaleListing as exc:
+        fail(StaleResolutionError, str(exc), exc)
+    except ProxyConfigError as exc:
+        fail(SourceError, str(exc), exc)
     except HttpStatusError as exc:
         fail(http_error_class(exc), str(exc), exc)
     except (NotFound, ArtifactsMissing) as exc:
@@ -123,6 +147,8 @@ def map_errors(identity: str, ref: ModelRef, what: str) -> Iterator[None]:
         fail(AccessDeniedError, str(exc), exc)
     except TimeoutError as exc:
         fail(SourceTimeoutError, f"timed out: {exc or type(exc).__name__}", exc)
+    except ssl.SSLCertVerificationError as exc:
+        fail(SourceUnavailableError, f"TLS: {exc.verify_message or exc}{_TLS_HINT}", exc)
     except (ConnectionError, http.client.HTTPException) as exc:
         fail(SourceUnavailableError, f"{type(exc).__name__}: {exc}", exc)
     except PermissionError as exc:
@@ -145,7 +171,7 @@ def map_errors(identity: str, ref: ModelRef, what: str) -> Iterator[None]:
 
 def http_error_class(exc: HttpStatusError) -> type[SourceError]:
     status, code = exc.status, exc.error_code
-    if status in (401, 403) or code in _DENIED_CODES:
+    if status in (401, 403, 407) or code in _DENIED_CODES:
         return AccessDeniedError
     if code in _NOT_FOUND_CODES or (status == 400 and "not found" in exc.message.lower()):
         return ModelNotFoundError

@@ -1,10 +1,15 @@
-"""Downloading one model version's artifacts into an empty directory.
+"""Listing and downloading one model's artifacts into an empty directory.
 
-Three ways, chosen by the MLflow source from the artifact location:
-:func:`fetch_proxied` (the tracking server's ``mlflow-artifacts`` API, stdlib HTTP, files
-in parallel), :func:`copy_local` (``file:`` locations, stdlib) and :func:`fetch_with_mlflow`
-(any other store MLflow knows, through its artifact repositories). ``s3://`` locations
-go to the S3 source instead.
+Three stores handled here, chosen by :mod:`._stores` from the artifact location: the
+tracking server's ``mlflow-artifacts`` API (:func:`list_proxied`, :func:`download_proxied`:
+stdlib HTTP, files in parallel, presigned URLs), ``file:`` locations (:func:`list_local`,
+:func:`copy_local`) and any other store MLflow knows, through its artifact repositories
+(:func:`list_with_mlflow`, :func:`download_with_mlflow`). Locations whose scheme has a
+registered source (``s3://``, ``gs://``...) go to that source instead.
+
+Each ``list_*`` takes the location and a path inside it (a sub-path of the model, which
+may name one file or a directory) and returns a :class:`Listing`: where the files are,
+and each file's path relative to that place with its listed size.
 
 Nothing the server says is trusted: listings are parsed against a schema and bounded
 (entries, depth, requests, files; a listing that contains itself is refused), every path
@@ -28,11 +33,11 @@ from typing import Any, TypeVar
 from urllib.parse import quote, urlsplit
 
 from model_loader._deadline import Deadline, FetchContext
-from model_loader._io import CHUNK_SIZE, copy_file, hash_file, is_selected, safe_relpath, write_chunks
+from model_loader._io import CHUNK_SIZE, copy_file, hash_file, safe_relpath, write_chunks
 from model_loader._types import FileEntry, Manifest
 from model_loader.errors import IntegrityError, ModelLoaderError
-from model_loader.sources._mlflow_errors import ArtifactsMissing, HttpStatusError, MalformedResponse
-from model_loader.sources._mlflow_http import Endpoint, RestTransport, check_deadline
+from model_loader.sources.mlflow._errors import ArtifactsMissing, HttpStatusError, MalformedResponse
+from model_loader.sources.mlflow._http import Endpoint, RestTransport, check_deadline
 
 __all__ = [
     "ARTIFACTS_API",
@@ -40,11 +45,16 @@ __all__ = [
     "MAX_FILES",
     "MAX_LISTINGS",
     "ArtifactsMissing",
+    "Listing",
     "Presign",
     "Resume",
     "copy_local",
-    "fetch_proxied",
-    "fetch_with_mlflow",
+    "download_proxied",
+    "download_with_mlflow",
+    "list_local",
+    "list_proxied",
+    "list_with_mlflow",
+    "run_parallel",
 ]
 
 logger = logging.getLogger("model_loader.sources.mlflow")
@@ -61,6 +71,22 @@ MAX_FILES = 100_000
 
 T = TypeVar("T")
 R = TypeVar("R")
+
+
+@dataclass(frozen=True, slots=True)
+class Listing:
+    """The files of one model (or of a path inside it) in one store.
+
+    Attributes:
+        root: Where the files are: a path of the server's artifact store, a local
+            directory, or an artifact path of an MLflow repository (``""``: its root).
+        files: ``(path relative to root, listed size)``, sorted by path.
+        shown: The location to name in messages.
+    """
+
+    root: str
+    files: tuple[tuple[str, int], ...]
+    shown: str
 
 
 @dataclass
@@ -111,11 +137,9 @@ def run_parallel(fn: Callable[[T], R], items: Sequence[T], workers: int, abort: 
         return [f.result() for f in futures]
 
 
-def _check_selected(location: str, listed: int, selected: int) -> None:
-    if listed == 0:
-        raise ArtifactsMissing(f"no artifacts at {location} (deleted?)")
-    if selected == 0:
-        raise ArtifactsMissing(f"none of the {listed} files at {location} matches include/exclude")
+def _parent_and_leaf(path: str) -> tuple[str, str]:
+    parent, _, leaf = path.rstrip("/").rpartition("/")
+    return parent, leaf
 
 
 class Resume:
@@ -160,7 +184,7 @@ def _crawl(
     http: RestTransport, endpoint: Endpoint, root: str, workers: int, abort: threading.Event, deadline: Deadline
 ) -> list[tuple[str, int]]:
     """Every file under ``root`` as ``(relative path, listed size)``, breadth first, bounded."""
-    from model_loader.sources._mlflow_schema import ListingAnswer, parse
+    from model_loader.sources.mlflow._schema import ListingAnswer, parse
 
     requests = 0
 
@@ -211,38 +235,65 @@ def _crawl(
     return files
 
 
-def fetch_proxied(
+def list_proxied(
+    http: RestTransport, endpoint: Endpoint, root: str, sub: str, *, workers: int, deadline: Deadline
+) -> Listing:
+    """Every file under ``root/sub`` in the server's artifact store, or that one file.
+
+    A listing of a file's path is empty (MLflow lists directories), so an empty listing
+    of a sub-path looks the name up in its parent: a file there is the whole listing.
+    """
+    root = root.strip("/")
+    path = f"{root}/{sub}" if sub and root else (sub or root)
+    abort = threading.Event()
+    files = _crawl(http, endpoint, path, workers, abort, deadline)
+    if not files and sub:
+        parent, leaf = _parent_and_leaf(path)
+        for rel, size, is_dir in _list_one(http, endpoint, parent, deadline):
+            if rel == leaf and not is_dir:
+                return Listing(parent, ((leaf, size),), f"mlflow-artifacts:/{path}")
+    return Listing(path, tuple(sorted(files)), f"mlflow-artifacts:/{path}")
+
+
+def _list_one(http: RestTransport, endpoint: Endpoint, path: str, deadline: Deadline) -> list[tuple[str, int, bool]]:
+    from model_loader.sources.mlflow._schema import ListingAnswer, parse
+
+    check_deadline(deadline, f"listing {path!r}")
+    body = http.get_json(endpoint, ARTIFACTS_API, {"path": path}, deadline=deadline)
+    out = []
+    for f in parse(ListingAnswer, body, f"the artifact listing of {path!r}").files:
+        name = f.path.rpartition("/")[2] if "/" in f.path and f.path.startswith(f"{path}/") else f.path
+        out.append((name, f.file_size or 0, f.is_dir))
+    return out
+
+
+def download_proxied(
     http: RestTransport,
     endpoint: Endpoint,
-    root: str,
+    listing: Listing,
     dest: Path,
     *,
-    include: Sequence[str],
-    exclude: Sequence[str],
     workers: int,
     deadline: Deadline,
     context: FetchContext,
     presign: Presign | None = None,
 ) -> Manifest:
-    """Download everything under ``root`` (a path of the server's artifact store) into ``dest``.
+    """Download ``listing``'s files into ``dest``, each checked against its listed size.
 
     Every request is capped by ``deadline``; files ``context`` lists as completed (same
     path and size) are kept as they are, and each new file is reported to it.
     """
-    root = root.strip("/")
     abort = threading.Event()
-    files = _crawl(http, endpoint, root, workers, abort, deadline)
-    selected = [(p, s) for p, s in files if is_selected(p, include, exclude)]
-    _check_selected(f"mlflow-artifacts:/{root}", len(files), len(selected))
     resume = Resume(dest, context)
-    todo = resume.todo(selected, lambda size: size)
+    todo = resume.todo(list(listing.files), lambda size: size)
+    root = listing.root
 
     def download(item: tuple[str, int]) -> FileEntry:
         rel, expected = item
         target = dest / rel
         target.parent.mkdir(parents=True, exist_ok=True)
         target.unlink(missing_ok=True)  # a partial file of an interrupted attempt
-        path = quote(f"{root}/{rel}")
+        path = quote(f"{root}/{rel}" if root else rel)
         try:
             got = None
             if presign is not None and presign.enabled and expected >= presign.min_size:
@@ -313,7 +364,7 @@ def _presigned(
     context: FetchContext,
 ) -> tuple[int, str] | None:
     """``(size, sha256)`` through a presigned URL, or ``None`` to stream through the server."""
-    from model_loader.sources._mlflow_schema import PresignedAnswer, parse
+    from model_loader.sources.mlflow._schema import PresignedAnswer, parse
 
     check_deadline(deadline, f"presigning {rel}")
     try:
@@ -369,81 +420,113 @@ def _walk(root: Path) -> Iterator[tuple[str, Path]]:
             yield safe_relpath(rel), full
 
 
+def list_local(root: Path, sub: str) -> Listing:
+    """Every file under ``root/sub`` (a directory), or that one file."""
+    path = root / sub if sub else root
+    if sub and path.is_file() and not path.is_symlink():
+        return Listing(str(path.parent), ((path.name, path.stat().st_size),), str(path))
+    if not path.is_dir():
+        return Listing(str(path), (), str(path))
+    files = tuple(sorted((rel, full.stat().st_size) for rel, full in _walk(path)))
+    return Listing(str(path), files, str(path))
+
+
 def copy_local(
-    root: Path,
+    listing: Listing,
     dest: Path,
     *,
-    include: Sequence[str],
-    exclude: Sequence[str],
     workers: int,
     deadline: Deadline,
     context: FetchContext,
 ) -> Manifest:
-    """Copy a ``file:`` artifact directory into ``dest``, hashing while copying."""
-    if not root.is_dir():
-        raise ArtifactsMissing(f"no artifacts at {root} (deleted?)")
-    files = list(_walk(root))
-    selected = [(rel, full) for rel, full in files if is_selected(rel, include, exclude)]
-    _check_selected(str(root), len(files), len(selected))
+    """Copy a ``file:`` listing's files into ``dest``, hashing while copying."""
+    root = Path(listing.root)
     resume = Resume(dest, context)
-    todo = resume.todo(selected, lambda full: full.stat().st_size)
+    todo = resume.todo(list(listing.files), lambda size: size)
 
-    def copy(item: tuple[str, Path]) -> FileEntry:
-        rel, full = item
+    def copy(item: tuple[str, int]) -> FileEntry:
+        rel, expected = item
         check_deadline(deadline, f"copying {rel}")
+        source = root / rel
+        if source.is_symlink() or not source.is_file():
+            raise ArtifactsMissing(f"{rel} is gone from {listing.shown}")
         target = dest / rel
         target.parent.mkdir(parents=True, exist_ok=True)
         target.unlink(missing_ok=True)
-        size, digest = copy_file(full, target)
+        size, digest = copy_file(source, target)
+        if size != expected:
+            raise IntegrityError(f"{rel}: copied {size} bytes, {expected} were listed (changed while copying?)")
         context.progress(size)
         return resume.done(FileEntry(rel, size, digest))
 
     return Manifest.of(resume.kept + run_parallel(copy, todo, min(workers, 8), threading.Event()))
 
 
-def fetch_with_mlflow(
-    uri: str,
-    dest: Path,
-    *,
-    tracking_uri: str,
-    registry_uri: str,
-    include: Sequence[str],
-    exclude: Sequence[str],
-    deadline: Deadline,
-    context: FetchContext,
-) -> Manifest:
-    """Any other artifact store, through MLflow's artifact repositories (imports mlflow).
-
-    MLflow writes the files, so they are hashed right after each download. MLflow's calls
-    cannot be cut: the deadline is checked between them.
-    """
+def _repository(uri: str, tracking_uri: str, registry_uri: str) -> Any:
     from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
 
-    repo: Any = get_artifact_repository(uri, tracking_uri=tracking_uri, registry_uri=registry_uri)
+    return get_artifact_repository(uri, tracking_uri=tracking_uri, registry_uri=registry_uri)
 
-    def walk(path: str | None, depth: int) -> Iterator[tuple[str, int | None]]:
+
+def list_with_mlflow(
+    uri: str, sub: str, *, tracking_uri: str, registry_uri: str, deadline: Deadline
+) -> tuple[Any, Listing]:
+    """MLflow's artifact repository for ``uri`` (imports mlflow) and the listing of ``sub`` in it.
+
+    MLflow's calls cannot be cut: the deadline is checked between them.
+    """
+    repo = _repository(uri, tracking_uri, registry_uri)
+
+    def walk(path: str, depth: int) -> Iterator[tuple[str, int]]:
         check_deadline(deadline, f"listing {uri}")
         if depth > MAX_DEPTH:
             raise MalformedResponse(f"the artifacts at {uri} nest deeper than {MAX_DEPTH} directories")
-        for info in repo.list_artifacts(path):
-            rel = safe_relpath(str(info.path))
+        for info in repo.list_artifacts(path or None):
+            full = str(info.path)
             if info.is_dir:
-                yield from walk(rel, depth + 1)
+                yield from walk(full, depth + 1)
             else:
-                yield rel, info.file_size
+                yield full, int(info.file_size or 0)
 
-    files = list(walk(None, 1))
-    selected = [(rel, size) for rel, size in files if is_selected(rel, include, exclude)]
-    _check_selected(uri, len(files), len(selected))
+    prefix = f"{sub}/" if sub else ""
+    files = []
+    for full, size in walk(sub, 1):
+        rel = full[len(prefix) :] if full.startswith(prefix) else full.rpartition("/")[2]
+        files.append((safe_relpath(rel), size))
+    shown = f"{uri.rstrip('/')}/{sub}" if sub else uri
+    if not files and sub:
+        parent, leaf = _parent_and_leaf(sub)
+        for info in repo.list_artifacts(parent or None):
+            if str(info.path).rpartition("/")[2] == leaf and not info.is_dir:
+                return repo, Listing(parent, ((leaf, int(info.file_size or 0)),), shown)
+    return repo, Listing(sub, tuple(sorted(files)), shown)
+
+
+def download_with_mlflow(
+    repo: Any, listing: Listing, dest: Path, *, deadline: Deadline, context: FetchContext
+) -> Manifest:
+    """Download ``listing``'s files through MLflow's repository ``repo``; each file is hashed
+    right after MLflow wrote it."""
+    import tempfile
+
     resume = Resume(dest, context)
     entries = list(resume.kept)
-    for rel, _ in resume.todo(selected, lambda size: size):
+    for rel, expected in resume.todo(list(listing.files), lambda size: size):
         check_deadline(deadline, f"downloading {rel}")
-        local: Any = repo.download_artifacts(rel, dst_path=str(dest))
+        remote = f"{listing.root}/{rel}" if listing.root else rel
         target = dest / rel
-        if Path(local).resolve() != target.resolve():
-            raise IntegrityError(f"MLflow wrote {rel} outside the model directory")
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=dest, prefix=".mlflow-") as tmp:
+            local: Any = repo.download_artifacts(remote, dst_path=tmp)
+            written = Path(local).resolve()
+            if os.path.commonpath([os.path.realpath(tmp), str(written)]) != os.path.realpath(tmp):
+                raise IntegrityError(f"MLflow wrote {rel} outside the model directory")
+            if not written.is_file():
+                raise ArtifactsMissing(f"{rel} is gone from {listing.shown}")
+            os.replace(written, target)
         size = target.stat().st_size
+        if size != expected:
+            raise IntegrityError(f"{rel}: received {size} bytes, the listing says {expected}")
         context.progress(size)
         entries.append(resume.done(FileEntry(rel, size, hash_file(target))))
     return Manifest.of(entries)

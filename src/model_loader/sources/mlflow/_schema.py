@@ -3,7 +3,7 @@
 Foreign data is parsed, never trusted: each answer's raw bytes go through one of these
 pydantic models (:func:`parse`), so a registry answering ``200 {}``, a version
 ``"seven"``, a listing entry without a path or a body that is not JSON at all becomes a
-:class:`~model_loader.sources._mlflow_errors.MalformedResponse` (mapped to
+:class:`~model_loader.sources.mlflow._errors.MalformedResponse` (mapped to
 ``InvalidResponseError``), never a bare ``KeyError``. Unknown fields are ignored (newer
 servers add some); strings, lists and numbers are bounded.
 
@@ -17,7 +17,7 @@ from typing import Annotated, Any, TypeVar
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StringConstraints, ValidationError
 
-from model_loader.sources._mlflow_errors import MalformedResponse
+from model_loader.sources.mlflow._errors import MalformedResponse
 
 __all__ = [
     "MAX_LISTING_ENTRIES",

@@ -1,8 +1,8 @@
 """Two ways to ask an MLflow registry the same questions.
 
-:class:`RestRegistry` calls MLflow's documented REST API over :mod:`._mlflow_http` (no
+:class:`RestRegistry` calls MLflow's documented REST API over :mod:`._http` (no
 mlflow import: the fast path for ``http(s)://`` tracking servers); every answer is parsed
-against its schema (:mod:`._mlflow_schema`) and every call is capped by the deadline it is
+against its schema (:mod:`._schema`) and every call is capped by the deadline it is
 given. :class:`ClientRegistry` uses ``mlflow.MlflowClient`` for everything else
 (``sqlite:///``, ``file:``, ``databricks``, plug-in auth); MLflow's calls cannot be cut,
 so the deadline is only checked between them. Both return the same small records, and
@@ -12,17 +12,18 @@ both let their backend's exceptions out: the source's ``_map_errors`` translates
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 from urllib.parse import quote
 
 from model_loader._deadline import Deadline
-from model_loader.sources._mlflow_errors import DatabaseUnavailable, MalformedResponse, NotFound
-from model_loader.sources._mlflow_http import Endpoint, RestTransport, check_deadline
+from model_loader.sources.mlflow._errors import DatabaseUnavailable, MalformedResponse, NotFound
+from model_loader.sources.mlflow._http import Endpoint, RestTransport, check_deadline
 
 if TYPE_CHECKING:
-    from model_loader.sources._mlflow_schema import ModelVersion
+    from model_loader.sources.mlflow._schema import ModelVersion
 
 __all__ = [
     "ClientRegistry",
@@ -31,7 +32,10 @@ __all__ = [
     "NotFound",
     "Registry",
     "RestRegistry",
+    "RestTracking",
+    "Tracking",
     "VersionInfo",
+    "name_filter",
     "sqlite_path",
 ]
 
@@ -85,7 +89,7 @@ class LoggedModelInfo:
 
 
 class Registry(Protocol):
-    """What the MLflow source asks a registry; every call within ``deadline``."""
+    """What the MLflow source asks a model registry; every call within ``deadline``."""
 
     def version_by_alias(self, name: str, alias: str, deadline: Deadline) -> VersionInfo: ...
 
@@ -97,15 +101,28 @@ class Registry(Protocol):
 
     def download_uri(self, name: str, version: int, deadline: Deadline) -> str: ...
 
+
+class Tracking(Protocol):
+    """What the MLflow source asks a tracking server; every call within ``deadline``."""
+
     def logged_model(self, model_id: str, deadline: Deadline) -> LoggedModelInfo: ...
 
     def run_artifact_uri(self, run_id: str, deadline: Deadline) -> str: ...
 
 
-def _name_filter(name: str) -> str:
+def name_filter(name: str) -> tuple[str, bool]:
+    """A ``search_model_versions`` filter for ``name``, and whether it matches it exactly.
+
+    MLflow's filter parser keeps a string literal as written, escapes included, so a name
+    holding both quote kinds cannot be compared with ``=``: it is matched with ``LIKE``,
+    each quote (and a backslash, an escape character in PostgreSQL's ``LIKE``) standing
+    as ``_``, and the caller keeps only the versions whose name is exactly ``name``.
+    """
     if "'" not in name:
-        return f"name = '{name}'"
-    return 'name = "' + name.replace('"', '\\"') + '"'
+        return f"name = '{name}'", True
+    if '"' not in name:
+        return f'name = "{name}"', True
+    return "name LIKE '" + re.sub(r"['\"\\]", "_", name) + "'", False
 
 
 def _newest(versions: list[VersionInfo], name: str, stage: str | None) -> VersionInfo:
@@ -126,13 +143,13 @@ class RestRegistry:
         return self._http.get_json(self._ep, _API + path, params, deadline=deadline)
 
     def version_by_alias(self, name: str, alias: str, deadline: Deadline) -> VersionInfo:
-        from model_loader.sources._mlflow_schema import ModelVersionAnswer, parse
+        from model_loader.sources.mlflow._schema import ModelVersionAnswer, parse
 
         body = self._get("/registered-models/alias", deadline, name=name, alias=alias)
         return VersionInfo.from_schema(parse(ModelVersionAnswer, body, f"alias {alias!r} of {name!r}").model_version)
 
     def version(self, name: str, version: int, deadline: Deadline) -> VersionInfo:
-        from model_loader.sources._mlflow_schema import ModelVersionAnswer, parse
+        from model_loader.sources.mlflow._schema import ModelVersionAnswer, parse
 
         body = self._get("/model-versions/get", deadline, name=name, version=str(version))
         found = parse(ModelVersionAnswer, body, f"version {version} of {name!r}").model_version
@@ -141,7 +158,7 @@ class RestRegistry:
         return VersionInfo.from_schema(found)
 
     def latest(self, name: str, stage: str | None, deadline: Deadline) -> VersionInfo:
-        from model_loader.sources._mlflow_schema import ModelVersionsAnswer, parse
+        from model_loader.sources.mlflow._schema import ModelVersionsAnswer, parse
 
         payload: dict[str, Any] = {"name": name}
         if stage is not None:
@@ -152,13 +169,14 @@ class RestRegistry:
         return _newest([VersionInfo.from_schema(v) for v in found.model_versions], name, stage)
 
     def versions_desc(self, name: str, deadline: Deadline) -> Iterator[VersionInfo]:
-        from model_loader.sources._mlflow_schema import ModelVersionsAnswer, parse
+        from model_loader.sources.mlflow._schema import ModelVersionsAnswer, parse
 
         token = ""
         seen: set[str] = set()
+        search, exact = name_filter(name)
         for _ in range(_MAX_PAGES):
             params: dict[str, str | list[str]] = {
-                "filter": _name_filter(name),
+                "filter": search,
                 "order_by": ["version_number DESC"],
                 "max_results": str(_PAGE),
             }
@@ -166,7 +184,8 @@ class RestRegistry:
                 params["page_token"] = token
             page = parse(ModelVersionsAnswer, self._get("/model-versions/search", deadline, **params), "version search")
             for v in page.model_versions:
-                yield VersionInfo.from_schema(v)
+                if exact or v.name == name:
+                    yield VersionInfo.from_schema(v)
             token = page.next_page_token or ""
             if not token:
                 return
@@ -176,22 +195,31 @@ class RestRegistry:
         raise MalformedResponse(f"the version search of {name!r} goes on for more than {_MAX_PAGES} pages")
 
     def download_uri(self, name: str, version: int, deadline: Deadline) -> str:
-        from model_loader.sources._mlflow_schema import DownloadUriAnswer, parse
+        from model_loader.sources.mlflow._schema import DownloadUriAnswer, parse
 
         body = self._get("/model-versions/get-download-uri", deadline, name=name, version=str(version))
         return parse(DownloadUriAnswer, body, f"download URI of version {version} of {name!r}").artifact_uri
 
+
+class RestTracking:
+    """The tracking server over MLflow's REST API: runs and logged models."""
+
+    def __init__(self, transport: RestTransport, endpoint: Endpoint) -> None:
+        self._http = transport
+        self._ep = endpoint
+
     def logged_model(self, model_id: str, deadline: Deadline) -> LoggedModelInfo:
-        from model_loader.sources._mlflow_schema import LoggedModelAnswer, parse
+        from model_loader.sources.mlflow._schema import LoggedModelAnswer, parse
 
         body = self._http.get_json(self._ep, f"{_API}/logged-models/{quote(model_id, safe='')}", deadline=deadline)
         info = parse(LoggedModelAnswer, body, f"logged model {model_id}").model.info
         return LoggedModelInfo(info.model_id, info.artifact_uri, info.source_run_id or None, info.status or "")
 
     def run_artifact_uri(self, run_id: str, deadline: Deadline) -> str:
-        from model_loader.sources._mlflow_schema import RunAnswer, parse
+        from model_loader.sources.mlflow._schema import RunAnswer, parse
 
-        return parse(RunAnswer, self._get("/runs/get", deadline, run_id=run_id), f"run {run_id}").run.info.artifact_uri
+        body = self._http.get_json(self._ep, _API + "/runs/get", {"run_id": run_id}, deadline=deadline)
+        return parse(RunAnswer, body, f"run {run_id}").run.info.artifact_uri
 
 
 def sqlite_path(uri: str) -> str | None:
@@ -239,12 +267,14 @@ class ClientRegistry:
 
     def versions_desc(self, name: str, deadline: Deadline) -> Iterator[VersionInfo]:
         token = None
+        search, exact = name_filter(name)
         while True:
             page = self.client(deadline).search_model_versions(
-                _name_filter(name), max_results=_PAGE, order_by=["version_number DESC"], page_token=token
+                search, max_results=_PAGE, order_by=["version_number DESC"], page_token=token
             )
             for mv in page:
-                yield VersionInfo.from_entity(mv)
+                if exact or str(mv.name) == name:
+                    yield VersionInfo.from_entity(mv)
             token = getattr(page, "token", None)
             if not token:
                 return

@@ -13,6 +13,11 @@ re-armed before each ``recv``, so a server trickling one byte a second is cut wh
 budget runs out, not only when it goes quiet. A JSON answer must also arrive whole within
 ``read_timeout`` and is read up to :data:`MAX_JSON_BYTES`.
 
+Proxies (:mod:`._proxy`): a plain ``http`` request to a proxied host is sent to the proxy
+with an absolute target; an ``https`` one goes through a ``CONNECT`` tunnel opened within
+the connect budget, then TLS with the real host. Credentials for the tracking server
+are never sent to the proxy, and the proxy's own (``Proxy-Authorization``) only to it.
+
 Errors leave as ``OSError`` (refused, reset; ``TimeoutError`` for timeouts and the
 budget), ``http.client.HTTPException``, :class:`HttpStatusError` or
 :class:`MalformedResponse`; the MLflow source's ``_map_errors`` translates them.
@@ -34,7 +39,8 @@ from typing import TYPE_CHECKING, Any, cast
 from urllib.parse import quote, urlencode, urlsplit
 
 from model_loader._deadline import Deadline
-from model_loader.sources._mlflow_errors import HttpStatusError, MalformedResponse
+from model_loader.sources.mlflow._errors import HttpStatusError, MalformedResponse
+from model_loader.sources.mlflow._proxy import Proxy, ProxySettings
 
 if TYPE_CHECKING:
     import ssl
@@ -54,6 +60,7 @@ MAX_JSON_BYTES = 16 * 1024 * 1024
 
 _STALE = (http.client.RemoteDisconnected, ConnectionResetError, BrokenPipeError, ConnectionAbortedError)
 _ERROR_BODY_LIMIT = 64 * 1024
+_CONNECT_REPLY_LIMIT = 64 * 1024
 _TCP_QUICKACK: int | None = getattr(socket, "TCP_QUICKACK", None)
 _READ_BUFFER = 64 * 1024
 
@@ -87,6 +94,13 @@ class Endpoint:
         if not parts.hostname:
             raise ValueError(f"no host in {netloc!r}")
         return Endpoint(self.scheme, parts.hostname, parts.port or self.port, self.prefix)
+
+    @property
+    def netloc(self) -> str:
+        """``host[:port]`` as a Host header or absolute URL names it (no default port)."""
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        default = 443 if self.scheme == "https" else 80
+        return host if self.port == default else f"{host}:{self.port}"
 
     def __str__(self) -> str:
         host = f"[{self.host}]" if ":" in self.host else self.host
@@ -219,31 +233,86 @@ class _BudgetSocket:
 
 
 class _Connection(http.client.HTTPConnection):
-    """An HTTP(S) connection that opens and reads within :attr:`budget`, set per request."""
+    """An HTTP(S) connection that opens and reads within :attr:`budget`, set per request,
+    directly or through ``proxy``."""
 
     def __init__(
-        self, ep: Endpoint, *, connect_timeout: float, read_timeout: float, context: ssl.SSLContext | None
+        self,
+        ep: Endpoint,
+        *,
+        connect_timeout: float,
+        read_timeout: float,
+        context: ssl.SSLContext | None,
+        proxy: Proxy | None = None,
     ) -> None:
         super().__init__(ep.host, ep.port, timeout=connect_timeout)
         if context is not None:
             self.default_port = 443  # so the Host header has no ":443" (presigned URLs sign it)
         self.budget = Deadline(None)
         self.read_timeout = read_timeout
+        self.proxy = proxy
         self._connect_timeout = connect_timeout
         self._context = context
 
+    @property
+    def absolute_target(self) -> bool:
+        """Plain HTTP through a proxy: the request line names the whole URL."""
+        return self.proxy is not None and self._context is None
+
     def connect(self) -> None:
         timeout = _left(self.budget, self._connect_timeout)
+        where = (self.proxy.host, self.proxy.port) if self.proxy is not None else (self.host, self.port)
         with _timeout_names(self.budget, self._connect_timeout, timeout, "connecting"):
-            sock = socket.create_connection((self.host, self.port), timeout)
+            try:
+                sock = socket.create_connection(where, timeout)
+            except TimeoutError:
+                raise
+            except OSError as exc:
+                if self.proxy is None:
+                    raise
+                raise ConnectionError(f"the proxy {self.proxy} for {self.host}:{self.port}: {exc}") from exc
         try:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             if self._context is not None:
+                if self.proxy is not None:
+                    self._tunnel_through(sock, self.proxy)
                 sock = self._handshake(sock, self._context)
         except BaseException:
             sock.close()
             raise
         self.sock = cast(socket.socket, _BudgetSocket(self, sock))
+
+    def _tunnel_through(self, sock: socket.socket, proxy: Proxy) -> None:
+        """``CONNECT host:port`` through ``proxy``, answered 200 within the connect budget."""
+        budget = self.budget.narrow(self._connect_timeout, what="the connect timeout")
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        lines = [f"CONNECT {host}:{self.port} HTTP/1.1", f"Host: {host}:{self.port}"]
+        if proxy.authorization:
+            lines.append(f"Proxy-Authorization: {proxy.authorization}")
+        request = ("\r\n".join(lines) + "\r\n\r\n").encode("ascii")
+        what = f"opening a tunnel to {host}:{self.port} through the proxy {proxy}"
+        reply = b""
+        with _timeout_names(budget, self._connect_timeout, budget.remaining(), what):
+            sock.settimeout(_left(budget, self._connect_timeout))
+            sock.sendall(request)
+            while b"\r\n\r\n" not in reply:
+                sock.settimeout(_left(budget, self._connect_timeout))
+                chunk = sock.recv(4096)
+                if not chunk:
+                    raise ConnectionError(f"{what}: the proxy closed the connection")
+                reply += chunk
+                if len(reply) > _CONNECT_REPLY_LIMIT:
+                    raise MalformedResponse(f"{what}: an answer longer than {_CONNECT_REPLY_LIMIT} bytes")
+        head, _, extra = reply.partition(b"\r\n\r\n")
+        status_line = head.split(b"\r\n", 1)[0].decode("latin-1")
+        parts = status_line.split(" ", 2)
+        if len(parts) < 2 or not parts[0].startswith("HTTP/") or not parts[1].isdigit():
+            raise MalformedResponse(f"{what}: not an HTTP answer")
+        status = int(parts[1])
+        if status != 200:
+            raise HttpStatusError(status, "", parts[2][:200] if len(parts) > 2 else "", what)
+        if extra:
+            raise MalformedResponse(f"{what}: the proxy sent bytes before the TLS handshake")
 
     def _handshake(self, raw: socket.socket, context: ssl.SSLContext) -> socket.socket:
         """TLS on ``raw``, cut as a whole at ``min(connect_timeout, budget)`` (a trickling
@@ -285,6 +354,7 @@ class RestTransport:
             JSON answer may take.
         max_idle: Idle connections kept per host.
         tls: TLS settings for https endpoints.
+        proxies: Which hosts to reach through which proxy (default: none).
     """
 
     def __init__(
@@ -296,8 +366,10 @@ class RestTransport:
         read_timeout: float,
         max_idle: int,
         tls: TlsSettings,
+        proxies: ProxySettings | None = None,
     ) -> None:
         self.__authorization = authorization  # name-mangled: kept out of reprs and tracebacks' locals
+        self._proxies = proxies or ProxySettings()
         self._auth_origins = auth_origins
         self._connect_timeout = connect_timeout
         self._read_timeout = read_timeout
@@ -329,7 +401,10 @@ class RestTransport:
 
     def _connect(self, ep: Endpoint, budget: Deadline) -> _Connection:
         context = self._context(ep) if ep.scheme == "https" else None
-        conn = _Connection(ep, connect_timeout=self._connect_timeout, read_timeout=self._read_timeout, context=context)
+        proxy = self._proxies.for_target(ep.scheme, ep.host, ep.port)
+        conn = _Connection(
+            ep, connect_timeout=self._connect_timeout, read_timeout=self._read_timeout, context=context, proxy=proxy
+        )
         conn.budget = budget
         try:
             conn.connect()
@@ -362,10 +437,12 @@ class RestTransport:
                     return
         _discard(conn, resp)
 
-    def _headers(self, ep: Endpoint, extra: Mapping[str, str]) -> dict[str, str]:
+    def _headers(self, ep: Endpoint, conn: _Connection, extra: Mapping[str, str]) -> dict[str, str]:
         headers = {"User-Agent": "model-loader", "Accept-Encoding": "identity", **extra}
         if self.__authorization and ep.origin in self._auth_origins:
             headers["Authorization"] = self.__authorization
+        if conn.absolute_target and conn.proxy is not None and conn.proxy.authorization:
+            headers["Proxy-Authorization"] = conn.proxy.authorization
         return headers
 
     def _send(
@@ -379,8 +456,11 @@ class RestTransport:
     ) -> tuple[_Connection, http.client.HTTPResponse]:
         conn, reused = self._acquire(ep, budget)
         while True:
+            path = ep.prefix + target
+            if conn.absolute_target:
+                path = f"http://{ep.netloc}{path}"
             try:
-                conn.request(method, ep.prefix + target, body=body, headers=self._headers(ep, headers))
+                conn.request(method, path, body=body, headers=self._headers(ep, conn, headers))
                 _quickack(conn)
                 return conn, conn.getresponse()
             except _STALE:
