@@ -37,7 +37,6 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -94,6 +93,13 @@ class Rig:
             self.client.put_object(Bucket="chaos", Key=f"m/{path}", Body=data)
         self.expected = _digest(self.files)
         self.size = sum(len(b) for b in self.files.values())
+        self.proxy = FaultProxy(self.upstream).start()
+
+    def fresh_proxy(self) -> None:
+        """A new proxy for each scenario: kills in one leave none of its connections behind."""
+        from _fault_proxy import FaultProxy
+
+        self.proxy.stop()  # idempotent
         self.proxy = FaultProxy(self.upstream).start()
 
     def env(self, endpoint: str | None = None) -> dict[str, str]:
@@ -234,62 +240,26 @@ def _origin_bytes(rig: Rig, since: int) -> int:
     return rig.proxy.body_bytes - since
 
 
-class _Hostile:
-    """A TCP server that accepts and never answers (``black-hole``) or sends a valid-looking
-    HTTP answer one byte a second (``trickle``)."""
-
-    def __init__(self, mode: str) -> None:
-        self.mode = mode
-        self.sock = socket.socket()
-        self.sock.bind(("127.0.0.1", 0))
-        self.sock.listen(64)
-        self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
-        self._stop = threading.Event()
-        threading.Thread(target=self._serve, daemon=True).start()
-
-    def _serve(self) -> None:
-        conns = []
-        while not self._stop.is_set():
-            try:
-                conn, _ = self.sock.accept()
-            except OSError:
-                return
-            conns.append(conn)
-            if self.mode == "trickle":
-                threading.Thread(target=self._trickle, args=(conn,), daemon=True).start()
-
-    def _trickle(self, conn: socket.socket) -> None:
-        answer = b"HTTP/1.1 200 OK\r\nContent-Length: 100000\r\nContent-Type: application/xml\r\n\r\n" + b" " * 100000
-        for i in range(len(answer)):
-            if self._stop.wait(1.0):
-                return
-            try:
-                conn.send(answer[i : i + 1])
-            except OSError:
-                return
-
-    def close(self) -> None:
-        self._stop.set()
-        self.sock.close()
-
-
 def hung_store(rig: Rig, trials: int, scratch: Path) -> dict[str, Any]:
+    """The store the cache was filled from (same endpoint, so the same cache identity) stops
+    answering (the proxy holds every request), or trickles one byte a second."""
     outcomes = []
     cache = scratch / "warm"
     warm = _child(rig, cache)
     assert json.loads(warm.communicate(timeout=300)[0])["ok"]
-    for i in range(trials):
-        hostile = _Hostile("black-hole" if i % 2 == 0 else "trickle")
-        try:
-            out = json.loads(_child(rig, cache, hostile.url).communicate(timeout=120)[0])
-        finally:
-            hostile.close()
-        if out["ok"]:
-            out["wrong"] = _tree_digest(Path(out["path"])) != rig.expected
-            out["ok"] = out["degraded"] and out["seconds"] < 5.0
-            if not out["ok"]:
-                out["error"] = f"TooSlow: {out['seconds']:.1f}s"
-        outcomes.append(out)
+    rig.proxy.stall_seconds = 120.0
+    try:
+        for i in range(trials):
+            rig.proxy.randomize(1.0, kinds=("stall",) if i % 2 == 0 else ("trickle",))
+            out = json.loads(_child(rig, cache).communicate(timeout=120)[0])
+            if out["ok"]:
+                out["wrong"] = _tree_digest(Path(out["path"])) != rig.expected
+                out["ok"] = out["degraded"] and out["seconds"] < 5.0
+                if not out["ok"]:
+                    out["error"] = f"TooSlow: {out['seconds']:.1f}s"
+            outcomes.append(out)
+    finally:
+        rig.proxy.clear()
     return _row("hung store, warm cache", outcomes, "degraded within 5 s")
 
 
@@ -390,6 +360,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         for name in args.only.split(","):
             t0 = time.monotonic()
+            rig.fresh_proxy()
             row = SCENARIOS[name](rig, args.trials, scratch / name)
             row["wall_s"] = round(time.monotonic() - t0, 1)
             rows.append(row)

@@ -113,7 +113,7 @@ class Settings:
     connect_timeout: float = 5.0
     read_timeout: float = 60.0
     deadline: float = 600.0
-    resolve_timeout: float = 4.0
+    resolve_timeout: float = 3.0
     offline: bool = False
     max_concurrency: int = 16
     include: tuple[str, ...] = ()
