@@ -192,9 +192,18 @@ def test_every_upload_kind_is_verified_or_said_not_to_be(
     assert manifest.verified is (kind.verified is not None)
 
 
-@pytest.mark.parametrize(("fault", "path"), [("corrupt", "ranged"), ("substitute", "one-get")])
+ALTERED = [("corrupt", "ranged"), ("substitute", "one-get")]
+
+
+def downloads(proxy: FaultProxy, kind: Kind) -> int:
+    """GETs of the blob from byte 0: one per download, however many ranged parts each had."""
+    gets = [s for s in proxy.requests("GET") if is_blob_get(kind)(s)]
+    return sum(s.range is None or s.range.startswith("bytes=0-") for s in gets)
+
+
+@pytest.mark.parametrize(("fault", "path"), ALTERED)
 @pytest.mark.parametrize("kind", VERIFIABLE, ids=lambda k: k.name)
-def test_an_altered_body_is_an_integrity_error(
+def test_a_body_altered_in_flight_is_downloaded_again(
     uploaded: dict[str, tuple[str, bytes]],
     open_source: Any,
     fault_proxy: FaultProxy,
@@ -208,9 +217,33 @@ def test_an_altered_body_is_an_integrity_error(
     resolved = src.resolve(parse_ref(f"s3://{bucket}/{kind.name}/"))
     decoy = os.urandom(len(data))  # another object's bytes, of the same length
     fault_proxy.inject(fault, count=1, match=is_blob_get(kind), payload=decoy if fault == "substitute" else None)
-    with pytest.raises(IntegrityError, match=r"(?i)checksum|ETag"):
-        src.fetch(resolved, tmp_path)
+    manifest = src.fetch(resolved, tmp_path)
+    assert read_tree(tmp_path) == {"blob": data}
+    assert [(e.path, e.verified) for e in manifest.files] == [("blob", kind.verified)]
     assert fault_proxy.faults[fault] == 1
+    assert downloads(fault_proxy, kind) == 2
+
+
+@pytest.mark.parametrize(("fault", "path"), ALTERED)
+@pytest.mark.parametrize("kind", VERIFIABLE, ids=lambda k: k.name)
+def test_a_body_altered_every_time_is_an_integrity_error(
+    uploaded: dict[str, tuple[str, bytes]],
+    open_source: Any,
+    fault_proxy: FaultProxy,
+    tmp_path: Path,
+    kind: Kind,
+    fault: str,
+    path: str,
+) -> None:
+    bucket, data = uploaded[kind.name]
+    src = open_source(kind, path)
+    resolved = src.resolve(parse_ref(f"s3://{bucket}/{kind.name}/"))
+    decoy = os.urandom(len(data))
+    fault_proxy.inject(fault, count=10_000, match=is_blob_get(kind), payload=decoy if fault == "substitute" else None)
+    with pytest.raises(IntegrityError, match=r"(?i)checksum|ETag") as info:
+        src.fetch(resolved, tmp_path)
+    assert downloads(fault_proxy, kind) == 5  # the default request_attempts, then it is the object's fault
+    assert "in each of 5 downloads" in str(info.value)
 
 
 def test_an_altered_body_never_reaches_the_cache(

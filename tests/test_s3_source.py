@@ -427,18 +427,24 @@ def test_versioned_source_serves_the_old_version_after_overwrite_and_delete(
     src.close()
 
 
+@pytest.mark.parametrize("times", [1, 1000], ids=["once", "always"])
 @pytest.mark.parametrize("size", [5 * KiB, 300 * KiB])  # one GET with ChecksumMode; ranged parts + HEAD
 def test_a_corrupted_body_fails_the_s3_checksum(
-    s3_client: Any, bucket: str, fault_proxy: FaultProxy, tmp_path: Path, size: int
+    s3_client: Any, bucket: str, fault_proxy: FaultProxy, tmp_path: Path, size: int, times: int
 ) -> None:
-    put_files(s3_client, bucket, f"corrupt-{size}/", {"blob": os.urandom(size)})
-    head = s3_client.head_object(Bucket=bucket, Key=f"corrupt-{size}/blob", ChecksumMode="ENABLED")
+    data = os.urandom(size)
+    put_files(s3_client, bucket, f"corrupt-{size}-{times}/", {"blob": data})
+    head = s3_client.head_object(Bucket=bucket, Key=f"corrupt-{size}-{times}/blob", ChecksumMode="ENABLED")
     assert head.get("ChecksumCRC32"), "boto3 stores a CRC32 with every upload; moto keeps it"
     src = S3Source(endpoint_url=fault_proxy.url, part_size=64 * KiB, range_split="eager")
-    resolved = src.resolve(parse_ref(f"s3://{bucket}/corrupt-{size}/"))
-    fault_proxy.inject("corrupt", count=1, match=lambda s: s.method == "GET" and s.path.endswith("/blob"))
-    with pytest.raises(IntegrityError, match=r"(?i)checksum"):
-        src.fetch(resolved, tmp_path)
+    resolved = src.resolve(parse_ref(f"s3://{bucket}/corrupt-{size}-{times}/"))
+    fault_proxy.inject("corrupt", count=times, match=lambda s: s.method == "GET" and s.path.endswith("/blob"))
+    if times == 1:  # altered in flight: caught, and the file downloaded again
+        assert src.fetch(resolved, tmp_path).files[0].verified == "s3-crc32"
+        assert read_tree(tmp_path) == {"blob": data}
+    else:
+        with pytest.raises(IntegrityError, match=r"(?i)checksum"):
+            src.fetch(resolved, tmp_path)
     src.close()
 
 

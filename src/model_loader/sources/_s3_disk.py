@@ -9,28 +9,42 @@ from __future__ import annotations
 
 import errno
 import os
+import stat
 from pathlib import Path
 
 from model_loader.errors import IntegrityError
 from model_loader.sources._s3_errors import disk_error
 
-__all__ = ["open_file", "pread", "pwrite_all", "read_into"]
+__all__ = ["existing_prefix", "open_file", "pread", "pwrite_all", "read_into"]
 
-_FLAGS = os.O_RDWR | os.O_CREAT | os.O_TRUNC | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
+_FLAGS = os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
 
 
-def open_file(path: Path, preallocate: int | None) -> int:
+def existing_prefix(path: Path, wanted: int) -> int:
+    """How much of the first ``wanted`` bytes of ``path`` exist: 0 unless it is a regular file."""
+    try:
+        st = os.lstat(path)
+    except OSError:
+        return 0
+    return min(wanted, st.st_size) if stat.S_ISREG(st.st_mode) else 0
+
+
+def open_file(path: Path, preallocate: int | None, *, keep: bool = False) -> int:
     """A new (or truncated: what an interrupted attempt left) file; ``preallocate`` bytes reserved.
 
     Reserving the space up front makes a full disk fail before the download, not after.
+    With ``keep`` (a prefix an earlier attempt wrote, continued), the bytes already there
+    stay; the file is then exactly ``preallocate`` bytes long.
     """
     try:
-        fd = os.open(path, _FLAGS, 0o644)
+        fd = os.open(path, _FLAGS | (0 if keep else os.O_TRUNC), 0o644)
     except OSError as exc:
         raise disk_error(exc, f"creating {path}") from exc
     if preallocate is None:
         return fd
     try:
+        if keep and os.fstat(fd).st_size > preallocate:
+            os.ftruncate(fd, preallocate)
         _preallocate(fd, preallocate)
     except OSError as exc:
         os.close(fd)

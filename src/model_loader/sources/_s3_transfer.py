@@ -14,19 +14,27 @@ the ETag) are computed in that same pass. What to check is planned from the GET'
 headers (small single-part objects) or from a HEAD (large or multipart objects, plus
 ``HEAD ?partNumber=1`` when the check needs the part layout).
 
+Resuming: the hasher reports each large file's hashed prefix to
+``FetchContext.file_progress`` about every tenth of a second (and the contiguous written
+prefix when an attempt ends), so the cache journals it; a large file the context lists in
+``partial`` is opened without truncating and its first segment starts at that prefix. The
+prefix is read back and hashed with the rest: the whole file is checked as always.
+
 Failures: a request that fails fast with a transient error is re-issued from the byte it
 reached, after a backoff during which the worker takes other work (many small files are
-served fairly). A file that runs out of attempts is given up alone: the others finish,
-each completed file is reported to ``FetchContext.file_done`` as soon as it is verified,
-and the fetch then raises, so the loader's next attempt fetches only what is missing.
-Timeouts, stale pins, integrity and disk errors stop the whole fetch at once. Every
-request is pinned (``IfMatch``, ``VersionId``), checked again on the response, and bounded
-by the deadline (:mod:`._s3_deadline`).
+served fairly). A file whose bytes fail their check (altered in flight, far likelier than
+an object that does not match its own checksum) is downloaded again from byte 0, which
+costs one of its ``request_attempts`` like a failed request. A file that runs out of
+attempts is given up alone: the others finish, each completed file is reported to
+``FetchContext.file_done`` as soon as it is verified, and the fetch then raises, so the
+loader's next attempt fetches only what is missing. Timeouts, stale pins, disk errors and
+a mismatch with no attempt left stop the whole fetch at once. Every request is pinned
+(``IfMatch``, ``VersionId``), checked again on the response, and bounded by the deadline
+(:mod:`._s3_deadline`).
 """
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import threading
@@ -47,11 +55,12 @@ from model_loader.errors import (
     SourceUnavailableError,
     StaleResolutionError,
 )
-from model_loader.sources._s3_disk import open_file, pread, pwrite_all, read_into
-from model_loader.sources._s3_integrity import Mismatch, Verifier
+from model_loader.sources._s3_disk import existing_prefix, open_file, pread, pwrite_all, read_into
+from model_loader.sources._s3_integrity import Mismatch
 from model_loader.sources._s3_listing import ObjectSpec, content_range, etag_of, integer
 from model_loader.sources._s3_plan import Planner
 from model_loader.sources._s3_requests import Runner, backoff, error_for, reissuable
+from model_loader.sources._s3_segments import FileState, Segment
 
 if TYPE_CHECKING:
     from mypy_boto3_s3 import S3Client
@@ -69,6 +78,11 @@ _MIN_RATE_SAMPLE = 2 * MiB  # bytes a segment streams before its rate is trusted
 _STREAM_READ = 256 * 1024  # one read of a body: small enough to measure a rate and to stop early
 _IDLE_POLL = 0.02  # seconds an idle worker waits before looking for a segment to split again
 _HASH_BUFFER = 1 * MiB
+_HASH_STEP = 8 * MiB  # the hasher takes turns between files, and reports progress, at least this often
+_REPORT_INTERVAL = 0.1  # seconds between two prefixes reported for one file (the bytes a kill may lose)
+_REPORT_MIN = 1 * MiB  # ... and at least this many bytes apart (a journal line costs an open and a write)
+_REPORT_MAX = 64 * MiB  # ... and at most this many bytes apart, however fast the download
+_HASHER_WAIT = 1.0  # seconds an idle worker waits (unless woken) for a large file's check, which may fail
 
 
 @dataclass(frozen=True, slots=True)
@@ -86,85 +100,6 @@ class TransferOptions:
 
 class _Aborted(Exception):
     """The fetch, or this segment's file, failed elsewhere: stop quietly."""
-
-
-class _File:
-    __slots__ = (
-        "big",
-        "failed",
-        "fd",
-        "finished",
-        "hashed_to",
-        "prepare_lock",
-        "segments",
-        "sha",
-        "spec",
-        "splits",
-        "ttfb",
-        "verifier",
-    )
-
-    def __init__(self, spec: ObjectSpec, big: bool) -> None:
-        self.spec = spec
-        self.big = big  # preallocated, splittable, hashed by the hasher thread
-        self.fd = -1  # opened by the first request that reaches the body
-        self.sha = hashlib.sha256()
-        self.verifier: Verifier | None = None  # planned from a HEAD or the first response
-        self.segments = [_Segment(self, 0, spec.size)]
-        self.hashed_to = 0
-        self.finished = False
-        self.failed = False
-        self.ttfb: float | None = None
-        self.splits = 0
-        self.prepare_lock = threading.Lock()  # one HEAD and one preallocation, whichever segment comes first
-
-    def frontier(self) -> int:
-        """End of the contiguous written prefix (segments partition ``[0, size)``)."""
-        pos = self.hashed_to
-        for seg in self.segments:
-            if seg.end <= pos:
-                continue
-            if seg.start > pos or seg.written < pos:
-                return pos
-            pos = seg.written
-            if pos < seg.end:
-                return pos
-        return pos
-
-
-class _Segment:
-    __slots__ = (
-        "attempts",
-        "end",
-        "file",
-        "rate_base",
-        "ready_at",
-        "requested_end",
-        "reserved",
-        "start",
-        "started",
-        "t_first",
-        "written",
-    )
-
-    def __init__(self, file: _File, start: int, end: int) -> None:
-        self.file = file
-        self.start = start
-        self.end = end  # exclusive; lowered when another worker steals the tail
-        self.requested_end = end
-        self.reserved = start  # bytes claimed for writing
-        self.written = start  # bytes on disk
-        self.started = False  # a response is streaming
-        self.t_first = 0.0
-        self.rate_base = start  # written when t_first was taken
-        self.attempts = 1
-        self.ready_at = 0.0  # a re-issue waits for its backoff
-
-    def rate(self, now: float, sample: int) -> float | None:
-        streamed = self.written - self.rate_base
-        if not self.started or streamed < sample or now <= self.t_first:
-            return None
-        return streamed / (now - self.t_first)
 
 
 class _Job:
@@ -196,11 +131,20 @@ class _Job:
         self.error: BaseException | None = None  # fatal: every transfer stops
         self.failures: list[ModelLoaderError] = []  # files given up on; the others go on
         self.results: list[FileEntry] = []
-        self.files = [_File(s, s.size >= opts.multipart_threshold) for s in sorted(specs, key=lambda s: -s.size)]
+        self.files = [self._state(s) for s in sorted(specs, key=lambda s: -s.size)]
         self.big = [f for f in self.files if f.big]
-        self.queue: deque[_Segment] = deque(f.segments[0] for f in self.files)  # largest first
-        self.delayed: list[_Segment] = []  # re-issues waiting for their backoff
+        self.queue: deque[Segment] = deque(f.segments[0] for f in self.files)  # largest first
+        self.delayed: list[Segment] = []  # re-issues waiting for their backoff
         self.scopes: list[Any] = []  # the workers' request scopes, cut when the fetch fails
+
+    def _state(self, spec: ObjectSpec) -> FileState:
+        big = spec.size >= self.opts.multipart_threshold
+        prefix = self.ctx.partial.get(spec.path, 0) if big else 0
+        if prefix > 0:  # an earlier attempt's journalled prefix: continue there, if the bytes are there
+            prefix = existing_prefix(self.dest / spec.path, min(prefix, spec.size))
+            if prefix > 0:
+                logger.debug("%s: resuming at byte %d of %d", spec.key, prefix, spec.size)
+        return FileState(spec, big, prefix)
 
     # -- scheduling -------------------------------------------------------------------
 
@@ -210,14 +154,14 @@ class _Job:
             parallel += sum(f.spec.size // self.opts.part_size for f in self.big)
         return max(1, min(self.opts.max_concurrency, parallel))
 
-    def next_work(self) -> _Segment | None:
+    def next_work(self) -> Segment | None:
         with self.cond:
             while True:
                 if self.error is not None:
                     return None
                 if self.queue:
                     seg = self.queue.popleft()
-                    if not seg.file.failed:
+                    if seg.live():
                         return seg
                     continue
                 now = time.monotonic()
@@ -225,7 +169,7 @@ class _Job:
                 if due:
                     seg = min(due, key=lambda s: s.ready_at)
                     self.delayed.remove(seg)
-                    if not seg.file.failed:
+                    if seg.live():
                         return seg
                     continue
                 stolen, may_later = self._steal() if self.opts.range_split != "off" else (None, False)
@@ -234,6 +178,8 @@ class _Job:
                 waits = [s.ready_at - now for s in self.delayed if not s.file.failed]
                 if may_later:
                     waits.append(_IDLE_POLL)
+                if not waits and any(not f.finished and not f.failed for f in self.big):
+                    waits.append(_HASHER_WAIT)  # its check may fail: it is then downloaded again
                 if not waits:
                     return None
                 if self.deadline.expired():
@@ -243,10 +189,10 @@ class _Job:
                     return None
                 self.cond.wait(min(min(waits), self.deadline.remaining()))
 
-    def _steal(self) -> tuple[_Segment | None, bool]:
+    def _steal(self) -> tuple[Segment | None, bool]:
         """Split the streaming segment with the most time left; ``(new segment, worth waiting)``."""
         now = time.monotonic()
-        best: tuple[float, _Segment] | None = None
+        best: tuple[float, Segment] | None = None
         may_later = False
         min_left = 2 * self.opts.part_size
         sample = min(_MIN_RATE_SAMPLE, self.opts.part_size)
@@ -273,7 +219,7 @@ class _Job:
         seg = best[1]
         big = seg.file
         mid = seg.reserved + (seg.end - seg.reserved) // 2
-        new = _Segment(big, mid, seg.end)
+        new = Segment(big, mid, seg.end)
         seg.end = mid
         big.segments.insert(big.segments.index(seg) + 1, new)
         big.splits += 1
@@ -289,7 +235,7 @@ class _Job:
         for scope in scopes:  # a transfer blocked on a slow store would otherwise hold the fetch
             self.runner.guard.cancel(scope)
 
-    def _failed(self, seg: _Segment, exc: BaseException, what: str) -> None:
+    def _failed(self, seg: Segment, exc: BaseException, what: str) -> None:
         """Re-issue ``seg`` later, give its file up, or stop everything, as the error deserves."""
         if not isinstance(exc, Exception):
             self._stop_all(exc)
@@ -297,10 +243,16 @@ class _Job:
         if isinstance(exc, Mismatch):
             exc = IntegrityError(str(exc))
         err = exc if isinstance(exc, ModelLoaderError) else error_for(exc, what, self.uri, self.deadline)
+        f = seg.file
+        with self.cond:
+            if seg not in f.segments:
+                return  # the file is being downloaded again from byte 0: this error is of bytes dropped
+        if isinstance(err, IntegrityError) and not f.big:  # a large file's check is the hasher's
+            self._check_failed(f, err, what)
+            return
         if not reissuable(err):
             self._stop_all(err)
             return
-        f = seg.file
         delay = backoff(self.opts.request_backoff, seg.attempts)
         with self.cond:
             if (
@@ -324,7 +276,40 @@ class _Job:
                 return
             self._give_up(f, err)
 
-    def _give_up(self, f: _File, err: ModelLoaderError) -> None:
+    def _check_failed(self, f: FileState, err: IntegrityError, what: str) -> None:
+        """``f``'s bytes do not match its check: download it again from byte 0, or fail the fetch.
+
+        Bytes altered in flight (a bad hop, a faulty proxy) are far likelier than an object
+        whose stored bytes do not match what the store says, so a mismatch costs one of
+        the file's ``request_attempts`` (and a token of the retry quota), as a failed
+        request does; the bytes already written, a resumed prefix included, are all
+        written again. When none is left it is the fetch's :class:`IntegrityError`.
+        Only for a file no other thread is writing or hashing.
+        """
+        with self.cond:
+            if self.error is not None:
+                return
+            used = f.attempts()
+            delay = backoff(self.opts.request_backoff, used)
+            if used < self.opts.request_attempts and delay < self.deadline.remaining() and self.runner.quota.take():
+                logger.warning(
+                    "%s: %s; downloading the file again from byte 0 in %.2fs (attempt %d/%d)",
+                    what,
+                    err,
+                    delay,
+                    used + 1,
+                    self.opts.request_attempts,
+                )
+                seg = f.restart(used + 1)
+                seg.ready_at = time.monotonic() + delay
+                self.delayed.append(seg)
+                self.cond.notify_all()
+                return
+        if f.downloads > 1:
+            err = IntegrityError(f"{err} (in each of {f.downloads} downloads)")
+        self._stop_all(err)
+
+    def _give_up(self, f: FileState, err: ModelLoaderError) -> None:
         """Give up ``f`` alone (lock held): the other files go on, the fetch fails at the end."""
         if not f.failed:
             f.failed = True
@@ -356,6 +341,9 @@ class _Job:
                 self.hash_cond.notify_all()
             if hasher is not None:
                 hasher.join()
+            for f in self.big:
+                if not f.finished and f.fd >= 0:  # written, if not all hashed: the next attempt continues there
+                    self._report(f, f.frontier(), last=True)
             for f in self.files:
                 self._close(f)
         if self.error is not None:
@@ -391,7 +379,7 @@ class _Job:
 
     # -- transfers --------------------------------------------------------------------
 
-    def _transfer(self, seg: _Segment, what: str) -> None:
+    def _transfer(self, seg: Segment, what: str) -> None:
         f = seg.file
         spec = f.spec
         self.deadline.check(what, scheme="s3", ref=self.uri)
@@ -401,6 +389,8 @@ class _Job:
                     f.verifier = self.planner.from_head(spec, what)
                 if f.big and f.fd < 0:
                     self._open(f)  # preallocated: a full disk fails before the download
+                    with self.cond:
+                        self.hash_cond.notify()  # a resumed prefix can be hashed already
         with self.cond:
             start, end = seg.written, seg.end
             seg.reserved, seg.requested_end = start, end
@@ -453,7 +443,7 @@ class _Job:
                 f"{what}: Content-Length {length}, expected {end - start}", scheme="s3", ref=self.uri
             )
 
-    def _stream(self, seg: _Segment, body: Any, what: str) -> None:
+    def _stream(self, seg: Segment, body: Any, what: str) -> None:
         f = seg.file
         progress = self.ctx.progress
         while True:
@@ -491,23 +481,23 @@ class _Job:
 
     # -- disk -------------------------------------------------------------------------
 
-    def _open(self, f: _File) -> None:
-        f.fd = open_file(self.dest / f.spec.path, f.spec.size if f.big else None)
+    def _open(self, f: FileState) -> None:
+        f.fd = open_file(self.dest / f.spec.path, f.spec.size if f.big else None, keep=f.resumed > 0)
 
-    def _pwrite(self, f: _File, data: memoryview, pos: int) -> None:
+    def _pwrite(self, f: FileState, data: memoryview, pos: int) -> None:
         pwrite_all(f.fd, data, pos, self.dest / f.spec.path)
 
-    def _pread(self, f: _File, n: int, pos: int) -> bytes:
+    def _pread(self, f: FileState, n: int, pos: int) -> bytes:
         return pread(f.fd, n, pos, self.dest / f.spec.path)
 
-    def _close(self, f: _File) -> None:
+    def _close(self, f: FileState) -> None:
         if f.fd >= 0:
             os.close(f.fd)
             f.fd = -1
 
     # -- completing files ---------------------------------------------------------------
 
-    def _finish(self, f: _File, what: str) -> None:
+    def _finish(self, f: FileState, what: str) -> None:
         assert f.verifier is not None
         label = self.planner.result(f.spec, f.verifier, f.sha.digest(), lambda pos, n: self._pread(f, n, pos), what)
         with self.cond:
@@ -515,6 +505,7 @@ class _Job:
             entry = FileEntry(f.spec.path, f.spec.size, f.sha.hexdigest(), verified=label)
             self.results.append(entry)
             f.finished = True
+            self.cond.notify_all()  # idle workers wait for large files' checks
         self.ctx.file_done(entry)
         if f.splits:
             logger.debug("%s: fetched in %d ranged parts", what, f.splits + 1)
@@ -534,7 +525,11 @@ class _Job:
                         if self.error is not None:
                             return
                         live = [f for f in self.big if not f.finished and not f.failed]
-                        todo = [(f, f.hashed_to, f.frontier()) for f in live if f.verifier is not None]
+                        todo = [
+                            (f, f.hashed_to, min(f.frontier(), f.hashed_to + _HASH_STEP))
+                            for f in live
+                            if f.verifier is not None and f.fd >= 0
+                        ]
                         todo = [t for t in todo if t[2] > t[1]]
                         if todo or self.workers_done or not live:
                             break
@@ -549,17 +544,43 @@ class _Job:
                             f.hashed_to = stop
                         if stop == f.spec.size:
                             self._finish(f, what)
+                        else:
+                            self._report(f, stop)
                     except BaseException as exc:
                         err = (
                             exc if isinstance(exc, ModelLoaderError) else error_for(exc, what, self.uri, self.deadline)
                         )
-                        if reissuable(err):
+                        if isinstance(err, IntegrityError) and stop == f.spec.size:  # every byte written, none in use
+                            self._check_failed(f, err, what)
+                        elif reissuable(err):
                             with self.cond:
                                 self._give_up(f, err)
                         else:
                             self._stop_all(err)
 
-    def _hash_range(self, f: _File, view: memoryview, start: int, stop: int) -> None:
+    def _report(self, f: FileState, prefix: int, *, last: bool = False) -> None:
+        """Tell the cache the first ``prefix`` bytes of ``f`` are written, if worth a journal line.
+
+        At most every :data:`_REPORT_INTERVAL` seconds per file and between
+        :data:`_REPORT_MIN` and :data:`_REPORT_MAX` bytes apart, so a killed process loses
+        about a tenth of a second of the file; ``last`` (the attempt is over) reports
+        whatever is new.
+        """
+        if prefix >= f.spec.size:
+            return  # file_done follows, or the file failed its check: either way nothing to resume
+        now = time.monotonic()
+        ahead = prefix - f.reported
+        if ahead <= 0 or not (
+            last or (ahead >= _REPORT_MIN and (ahead >= _REPORT_MAX or now - f.reported_at >= _REPORT_INTERVAL))
+        ):
+            return
+        f.reported, f.reported_at = prefix, now
+        try:
+            self.ctx.file_progress(f.spec.path, prefix)
+        except (OSError, ModelLoaderError) as exc:  # the download goes on; only its resumption is lost
+            logger.warning("cannot record that %s has %d bytes written: %s", f.spec.path, prefix, exc)
+
+    def _hash_range(self, f: FileState, view: memoryview, start: int, stop: int) -> None:
         assert f.verifier is not None
         pos = start
         while pos < stop:
@@ -583,12 +604,16 @@ def download(
     """Download ``specs`` into ``dest`` (parents must exist) and return what was written.
 
     Each file is reported to ``ctx.file_done`` once written and verified, and its bytes to
-    ``ctx.progress`` as they are written.
+    ``ctx.progress`` as they are written. A large file named in ``ctx.partial`` continues
+    at its prefix (hashed again from disk with the rest); a large file's contiguous written
+    prefix is reported to ``ctx.file_progress`` as it grows. A file whose bytes fail their
+    check is downloaded again from byte 0, within its ``request_attempts``.
 
     Raises:
         SourceError: A mapped S3 error (a fatal one at once; else the first file given up,
             once the others are done).
-        IntegrityError: The bytes do not match the object's checksum or ETag.
+        IntegrityError: The bytes do not match the object's checksum or ETag, in every
+            download the file's attempts allowed.
         CacheError: The staging directory cannot be written (disk full).
     """
     return _Job(runner, client, bucket, specs, dest, opts, uri, deadline, ctx).run()

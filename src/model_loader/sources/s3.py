@@ -121,8 +121,9 @@ class S3Source:
         request_attempts: Tries per request (a listing page, a HEAD, an object or ranged
             part) within one resolve or fetch, for failures that come fast (5xx, SlowDown,
             resets, bodies cut short, malformed answers); a GET resumes at the last byte
-            written. Timeouts and permanent errors are never retried here, and a per-source
-            quota stops re-issuing when the store fails more than it succeeds.
+            written, and a file whose bytes fail their check is downloaded again. Timeouts
+            and permanent errors are never retried here, and a per-source quota stops
+            re-issuing when the store fails more than it succeeds.
         request_backoff: Seconds before the first such retry (doubling, full jitter, at
             most 2 s, never past the deadline).
         addressing_style: ``"path"`` or ``"virtual"`` bucket addressing (default: boto3's).
@@ -408,12 +409,15 @@ class S3Source:
         Raises:
             StaleResolutionError: An object changed since ``resolve`` (HTTP 412).
             ModelNotFoundError: An object (or its pinned version) was deleted.
-            IntegrityError: A size or an S3 checksum does not match.
+            IntegrityError: A size or an S3 checksum does not match (in every download
+                ``request_attempts`` allowed).
             SourceUnavailableError: Network errors, timeouts, 5xx, truncated bodies.
             CacheError: The disk is full, or the staging directory cannot be written.
 
         Each file is reported to ``FetchContext.current().file_done`` as soon as it is
-        written and verified; files the context lists as completed are left as they are.
+        written and verified; files the context lists as completed are left as they are,
+        and a large file it lists in ``partial`` is continued at that prefix (and checked
+        whole); a large file's written prefix is reported to ``file_progress`` as it grows.
         A file that keeps failing fast is given up alone: the others complete first.
         """
         deadline, ctx = Deadline.current(), FetchContext.current()
