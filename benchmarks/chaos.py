@@ -4,8 +4,9 @@ Scenarios (each trial is a fresh load unless said):
 
 - ``s3-transient``: 30% of requests to a moto S3 server fail (500, 503 SlowDown, resets,
   bodies cut short) on a 24 MiB + 40-file model; every load must succeed.
-- ``s3-altered``: 10% of bodies are altered in flight (a byte flipped, or another object's
-  bytes of the same length) besides 10% transient faults; no altered byte may be served.
+- ``s3-altered``: 20% of requests fail, half of them with a body altered in flight (a byte
+  flipped), the rest 500s and resets; no altered byte may be served, and a file whose
+  download was altered is downloaded again.
 - ``kill-9``: a process fetching through a slowed link is killed at a random moment; a
   second process then fetches the same model: it must serve exact bytes, and no torn
   entry may ever be visible in ``entries/``.

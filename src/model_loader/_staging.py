@@ -31,7 +31,7 @@ from typing import Any
 from model_loader._deadline import FetchContext
 from model_loader._io import cache_errors, hash_file, safe_relpath
 from model_loader._types import FileEntry, Manifest, ResolvedModel
-from model_loader.errors import IntegrityError
+from model_loader.errors import CacheError, IntegrityError
 from model_loader.protocol import ModelSource
 
 __all__ = ["Staging"]
@@ -208,21 +208,39 @@ class Staging:
     # -- one attempt ------------------------------------------------------------------
 
     def _file_progress(self, path: str, n: int) -> None:
-        line = json.dumps({"path": path, "prefix": n}) + "\n"
+        """Journal that the first ``n`` bytes of ``path`` are written (0: forget its prefix,
+        the file starts again)."""
         with self._lock:
-            if n <= self._prefix.get(path, 0) or path in self._done:
+            if path in self._done or (n > 0 and n <= self._prefix.get(path, 0)):
                 return
-            self._prefix[path] = n
-            with open(self._journal_path, "a", encoding="utf-8") as f:
-                f.write(line)
+            if n <= 0:
+                if self._prefix.pop(path, None) is None:
+                    return
+                rewrite = True
+            else:
+                self._prefix[path] = n
+                rewrite = False
+        if rewrite:
+            try:
+                self._rewrite_journal()
+            except CacheError as exc:
+                logger.warning("cannot rewrite the journal of %s (%s)", self.root, exc)
+        else:
+            self._append(json.dumps({"path": path, "prefix": n}) + "\n")
 
     def _file_done(self, entry: FileEntry) -> None:
-        line = json.dumps(_entry_json(entry)) + "\n"
         with self._lock:
             self._done[entry.path] = entry
-            # O_APPEND writes of one short line are atomic; no fsync: adopt() re-hashes
-            with open(self._journal_path, "a", encoding="utf-8") as f:
+        self._append(json.dumps(_entry_json(entry)) + "\n")
+
+    def _append(self, line: str) -> None:
+        """One journal line. O_APPEND writes of one short line are atomic; no fsync: adopt()
+        re-hashes. A journal that cannot be written costs only resuming (logged)."""
+        try:
+            with self._lock, open(self._journal_path, "a", encoding="utf-8") as f:
                 f.write(line)
+        except OSError as exc:
+            logger.warning("cannot journal progress in %s (%s): a retry starts that file again", self.root, exc)
 
     def attempt(self, source: ModelSource, resolved: ResolvedModel) -> Manifest:
         """Run one ``source.fetch`` into ``files/``, resuming after the files completed so far.
