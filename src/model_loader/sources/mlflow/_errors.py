@@ -57,6 +57,10 @@ _UNAVAILABLE_CODES = {
     "DEADLINE_EXCEEDED",
 }
 _DENIED_CODES = {"PERMISSION_DENIED", "UNAUTHENTICATED", "CUSTOMER_UNAUTHORIZED", "UNAUTHORIZED"}
+_STORE_TLS_HINT = (
+    " (the store's certificate is not trusted: point AWS_CA_BUNDLE at its CA bundle, or for an s3:// store "
+    "set MLFLOW_S3_IGNORE_TLS=true)"
+)
 _TLS_HINT = (
     " (the server's certificate is not trusted: point MLFLOW_TRACKING_SERVER_CERT_PATH at its CA bundle, "
     "or set MLFLOW_TRACKING_INSECURE_TLS=true)"
@@ -123,7 +127,8 @@ def map_errors(identity: str, ref: ModelRef, what: str) -> Iterator[None]:
     except SourceError as exc:
         if exc.scheme == scheme and exc.ref == ref.uri:
             raise
-        fail(type(exc), f"artifact store: {exc}", exc)  # from a routed store: keep the kind, tag it as ours
+        hint = _STORE_TLS_HINT if "certificate verify failed" in str(exc).lower() else ""
+        fail(type(exc), f"artifact store: {exc}{hint}", exc)  # from a routed store: keep the kind, tag it as ours
     except ModelLoaderError:
         raise  # IntegrityError, CacheError, MissingDependencyError: already ours
     except ImportError as exc:  # mlflow-skinny without sqlalchemy for a sqlite store, a missing SDK

@@ -489,7 +489,7 @@ class RestTransport:
         headers = {"Accept": "application/json"}
         if body is not None:
             headers["Content-Type"] = "application/json"
-        budget = deadline.narrow(self._read_timeout, what="the read timeout for one answer")
+        budget = deadline.narrow(self._read_timeout, what=f"the read timeout for one answer ({self._read_timeout:g}s)")
         conn, resp = self._send(ep, method, target, body, headers, budget)
         try:
             if resp.status != 200:

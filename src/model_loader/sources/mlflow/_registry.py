@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 from urllib.parse import quote
 
 from model_loader._deadline import Deadline
-from model_loader.sources.mlflow._errors import DatabaseUnavailable, MalformedResponse, NotFound
+from model_loader.sources.mlflow._errors import DatabaseUnavailable, HttpStatusError, MalformedResponse, NotFound
 from model_loader.sources.mlflow._http import Endpoint, RestTransport, check_deadline
 
 if TYPE_CHECKING:
@@ -32,6 +32,7 @@ __all__ = [
     "NotFound",
     "Registry",
     "RestRegistry",
+    "RunInfo",
     "RestTracking",
     "Tracking",
     "VersionInfo",
@@ -88,6 +89,15 @@ class LoggedModelInfo:
     status: str
 
 
+@dataclass(frozen=True, slots=True)
+class RunInfo:
+    """Where a run keeps its artifacts."""
+
+    run_id: str
+    artifact_uri: str
+    experiment_id: str | None
+
+
 class Registry(Protocol):
     """What the MLflow source asks a model registry; every call within ``deadline``."""
 
@@ -107,7 +117,19 @@ class Tracking(Protocol):
 
     def logged_model(self, model_id: str, deadline: Deadline) -> LoggedModelInfo: ...
 
-    def run_artifact_uri(self, run_id: str, deadline: Deadline) -> str: ...
+    def run(self, run_id: str, deadline: Deadline) -> RunInfo: ...
+
+    def run_logged_model(self, run: RunInfo, name: str, deadline: Deadline) -> LoggedModelInfo | None:
+        """The logged model ``name`` that ``run`` produced (MLflow 3), if any."""
+        ...
+
+
+def _logged_model_filter(name: str) -> str | None:
+    if "'" not in name:
+        return f"name = '{name}'"
+    if '"' not in name:
+        return f'name = "{name}"'
+    return None  # both quote kinds: no filter MLflow parses can name it (and no model has such a name)
 
 
 def name_filter(name: str) -> tuple[str, bool]:
@@ -215,11 +237,43 @@ class RestTracking:
         info = parse(LoggedModelAnswer, body, f"logged model {model_id}").model.info
         return LoggedModelInfo(info.model_id, info.artifact_uri, info.source_run_id or None, info.status or "")
 
-    def run_artifact_uri(self, run_id: str, deadline: Deadline) -> str:
+    def run(self, run_id: str, deadline: Deadline) -> RunInfo:
         from model_loader.sources.mlflow._schema import RunAnswer, parse
 
         body = self._http.get_json(self._ep, _API + "/runs/get", {"run_id": run_id}, deadline=deadline)
-        return parse(RunAnswer, body, f"run {run_id}").run.info.artifact_uri
+        info = parse(RunAnswer, body, f"run {run_id}").run.info
+        return RunInfo(run_id, info.artifact_uri, info.experiment_id or None)
+
+    def run_logged_model(self, run: RunInfo, name: str, deadline: Deadline) -> LoggedModelInfo | None:
+        from model_loader.sources.mlflow._schema import LoggedModelsAnswer, parse
+
+        search = _logged_model_filter(name)
+        if search is None or run.experiment_id is None:
+            return None
+        token = ""
+        seen: set[str] = set()
+        for _ in range(_MAX_PAGES):
+            payload: dict[str, Any] = {"experiment_ids": [run.experiment_id], "filter": search, "max_results": _PAGE}
+            if token:
+                payload["page_token"] = token
+            try:
+                body = self._http.post_json(self._ep, _API + "/logged-models/search", payload, deadline=deadline)
+            except HttpStatusError as exc:
+                if exc.status in (404, 405, 501) and exc.error_code != "RESOURCE_DOES_NOT_EXIST":
+                    return None  # a server before MLflow 3 has no logged models
+                raise
+            page = parse(LoggedModelsAnswer, body, f"the logged models of run {run.run_id}")
+            for model in page.models:
+                info = model.info
+                if info.source_run_id == run.run_id and (info.name is None or info.name == name):
+                    return LoggedModelInfo(info.model_id, info.artifact_uri, info.source_run_id, info.status or "")
+            token = page.next_page_token or ""
+            if not token:
+                return None
+            if token in seen:
+                raise MalformedResponse(f"the logged-model search of run {run.run_id} pages in a circle")
+            seen.add(token)
+        raise MalformedResponse(f"the logged-model search of run {run.run_id} goes on for more than {_MAX_PAGES} pages")
 
 
 def sqlite_path(uri: str) -> str | None:
@@ -291,5 +345,30 @@ class ClientRegistry:
             status=str(getattr(lm.status, "name", lm.status) or ""),
         )
 
-    def run_artifact_uri(self, run_id: str, deadline: Deadline) -> str:
-        return str(self.client(deadline).get_run(run_id).info.artifact_uri)
+    def run(self, run_id: str, deadline: Deadline) -> RunInfo:
+        info = self.client(deadline).get_run(run_id).info
+        return RunInfo(run_id, str(info.artifact_uri), str(info.experiment_id) if info.experiment_id else None)
+
+    def run_logged_model(self, run: RunInfo, name: str, deadline: Deadline) -> LoggedModelInfo | None:
+        search = _logged_model_filter(name)
+        if search is None or run.experiment_id is None:
+            return None
+        client = self.client(deadline)
+        if not hasattr(client, "search_logged_models"):  # mlflow before 3
+            return None
+        token = None
+        while True:
+            page = client.search_logged_models(
+                experiment_ids=[run.experiment_id], filter_string=search, page_token=token
+            )
+            for lm in page:
+                if lm.source_run_id == run.run_id:
+                    return LoggedModelInfo(
+                        model_id=str(lm.model_id),
+                        artifact_uri=str(lm.artifact_location),
+                        run_id=run.run_id,
+                        status=str(getattr(lm.status, "name", lm.status) or ""),
+                    )
+            token = getattr(page, "token", None)
+            if not token:
+                return None

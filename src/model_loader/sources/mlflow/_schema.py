@@ -25,6 +25,7 @@ __all__ = [
     "FileInfo",
     "ListingAnswer",
     "LoggedModelAnswer",
+    "LoggedModelsAnswer",
     "ModelVersion",
     "ModelVersionAnswer",
     "ModelVersionsAnswer",
@@ -98,6 +99,7 @@ class DownloadUriAnswer(_Schema):
 class _LoggedModelInfo(_Schema):
     model_id: Name
     artifact_uri: Uri
+    name: Text | None = None
     source_run_id: Text | None = None
     status: Text | None = None
 
@@ -112,8 +114,16 @@ class LoggedModelAnswer(_Schema):
     model: _LoggedModel
 
 
+class LoggedModelsAnswer(_Schema):
+    """``POST logged-models/search`` (MLflow 3)."""
+
+    models: list[_LoggedModel] = Field(default_factory=list, max_length=_MAX_PAGE)
+    next_page_token: Text | None = None
+
+
 class _RunInfo(_Schema):
     artifact_uri: Uri
+    experiment_id: Text | None = None
 
 
 class _Run(_Schema):

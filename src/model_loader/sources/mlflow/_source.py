@@ -231,8 +231,8 @@ class _MlflowSource:
             scheme = parts.scheme.lower()
             if scheme == "runs":
                 run_id, _, sub = (parts.netloc + parts.path).lstrip("/").partition("/")
-                base = self._tracking.run_artifact_uri(run_id, deadline).rstrip("/")
-                location = f"{base}/{sub}" if sub else base
+                base, inner, _ = self._run_location(run_id, sub.strip("/"), deadline)
+                location = f"{base}/{inner}" if inner else base
             elif scheme == "models" and parts.path.lstrip("/").startswith("m-"):
                 location = self._tracking.logged_model(parts.path.lstrip("/").split("/")[0], deadline).artifact_uri
             elif scheme == "models":
@@ -240,6 +240,23 @@ class _MlflowSource:
             else:
                 return location
         raise NotFound(f"artifact location {location!r} does not lead to storage")
+
+    def _run_location(self, run_id: str, sub: str, deadline: Deadline) -> tuple[str, str, str | None]:
+        """Where ``runs:/<run_id>/<sub>`` is stored: the location, the path inside it, and the
+        logged model serving it, if any.
+
+        As MLflow 3's client reads it: when the path's first segment names a logged model the
+        run produced (``log_model(name="model")`` keeps its files there, not in the run's
+        directory), that model's artifacts are served; otherwise the run's own.
+        """
+        run = self._tracking.run(run_id, deadline)
+        base = run.artifact_uri.rstrip("/")
+        if sub:
+            name, _, rest = sub.partition("/")
+            model = self._tracking.run_logged_model(run, name, deadline)
+            if model is not None:
+                return model.artifact_uri.rstrip("/"), rest, model.model_id
+        return base, sub, None
 
     # -- fetch --------------------------------------------------------------------------
 
@@ -517,15 +534,21 @@ class MlflowRunsSource(_MlflowSource):
         deadline = Deadline.current()
         run_id, sub = ref.location, _sub_path(ref)
         with self._map_errors(ref, "resolve"):
-            base = self._tracking.run_artifact_uri(run_id, deadline).rstrip("/")
-            self._check_location(base, f"run {run_id}", self._tracking_uri)
-            files = self._stores.listing(base, sub, deadline)
-        digest = hashlib.sha256(f"{base}\n{sub}\n".encode())
+            location, inner, model_id = self._run_location(run_id, sub, deadline)
+            self._check_location(location, f"run {run_id}", self._tracking_uri)
+            files = self._stores.listing(location, inner, deadline)
+        digest = hashlib.sha256(f"{location}\n{inner}\n".encode())
         for f in files:
             digest.update(f"{f.path}\0{f.size}\0{f.pin or ''}\n".encode())
         listing = digest.hexdigest()
         version = f"{run_id}/{sub}@{listing[:16]}" if sub else f"{run_id}@{listing[:16]}"
-        meta = {"run_id": run_id, "storage_location": base, "path": sub or None, "listing": listing}
+        meta = {
+            "run_id": run_id,
+            "storage_location": location,
+            "path": inner or None,
+            "model_id": model_id,
+            "listing": listing,
+        }
         logger.debug("resolved %s to %s (%d files)", ref.uri, version, len(files))
         return ResolvedModel(ref, self.identity, version, files, ResolvedModel.pack_metadata(meta))
 
