@@ -205,6 +205,7 @@ class DiskCache:
             logger.info("cache %s is read-only: serving hits, storing nothing", self.root)
         self.refs_store = RefStore(self.root / "refs", writable=not self.read_only)
         self._manifests: dict[str, tuple[tuple[int, int], CachedEntry]] = {}
+        self._belongs: dict[str, tuple[CachedEntry, ResolvedModel]] = {}  # checked pairs: not again
         self._touched: dict[str, float] = {}
         self._leases: dict[str, int] = {}
         self._retained: dict[str, int] = {}  # keys held by users beyond the loader (serving handles)
@@ -238,7 +239,10 @@ class DiskCache:
         if entry is None:
             return None
         if expect is not None:
-            _check_belongs(entry, expect)
+            checked = self._belongs.get(key)
+            if checked is None or checked[0] is not entry or checked[1] is not expect:
+                _check_belongs(entry, expect)
+                self._belongs[key] = (entry, expect)
         self._verify_entry(entry, verify or self.verify_mode)
         if not self._lease(key, root):
             return None  # being evicted right now: treat as a miss, fetch under the lock

@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import threading
 import time
 from dataclasses import dataclass
@@ -59,6 +60,7 @@ class RefStore:
         self.root = root
         self.writable = writable
         self._memo: dict[str, RefRecord] = {}
+        self._read_memo: dict[str, tuple[tuple[int, int], RefRecord | None]] = {}
         self._lock = threading.Lock()
 
     @staticmethod
@@ -85,12 +87,23 @@ class RefStore:
     def read(self, identity: str, ref: str) -> RefRecord | None:
         """The last-known-good record of ``(identity, ref)``; ``None`` if absent or unreadable."""
         rk = self.ref_key(identity, ref)
-        rec = self._load(self.root / f"{rk}.json")
+        path = self.root / f"{rk}.json"
+        try:
+            st = os.stat(path)
+        except OSError:
+            return None
+        stamp = (st.st_ino, st.st_mtime_ns)
+        with self._lock:
+            memo = self._read_memo.get(rk)
+        if memo is not None and memo[0] == stamp:
+            return memo[1]  # every load asks: a stat, not a parse
+        rec = self._load(path)
         if rec is not None and (rec.identity, rec.ref) != (identity, ref):
             logger.warning("ignoring cache ref %s: it names another reference (%s)", rk, rec.ref)
-            return None
-        if rec is not None:
-            with self._lock:
+            rec = None
+        with self._lock:
+            self._read_memo[rk] = (stamp, rec)
+            if rec is not None:
                 self._memo[rk] = rec
         return rec
 
