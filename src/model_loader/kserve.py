@@ -485,7 +485,7 @@ def _setup_logging(*, verbose: bool, debug: bool) -> None:
     if not (verbose or debug):
         root.addHandler(logging.NullHandler())  # else Python prints WARNING records itself
         return
-    from model_loader.cli import RedactingFilter
+    from model_loader._redact import RedactingFilter
 
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
@@ -496,7 +496,8 @@ def _setup_logging(*, verbose: bool, debug: bool) -> None:
 
 
 def _redact(text: str) -> str:
-    from model_loader.cli import _environment_secrets, redact
+    from model_loader._redact import environment_secrets as _environment_secrets
+    from model_loader._redact import redact
 
     return redact(text, _environment_secrets())
 
