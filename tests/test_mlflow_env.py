@@ -566,3 +566,30 @@ def test_the_docs_list_every_mlflow_variable_as_honoured_or_not() -> None:
         if status != ("honoured" if honoured else "not honoured"):
             wrong.append((name, status))
     assert wrong == []
+
+
+@pytest.mark.parametrize(
+    ("uri", "meta", "pinned"),
+    [
+        ("models:/iris@champion", {"name": "iris", "version": "3"}, "models:/iris/3"),
+        (
+            "models:/iris@champion/MLmodel",
+            {"name": "iris", "version": "3", "path": "MLmodel"},
+            "models:/iris/3/MLmodel",
+        ),
+        ("models:/iris/latest", {"name": "iris", "version": "7"}, "models:/iris/7"),
+        ("models:/iris/3/sub", {"name": "iris", "version": "3", "path": "sub"}, "models:/iris/3/sub"),
+        ("models:/m-0a1b", {"model_id": "m-0a1b"}, "models:/m-0a1b"),
+        ("models:/team@fraud@champion", {"name": "team@fraud", "version": "3"}, None),  # MLflow cannot name it
+        ("runs:/abc/model", {"run_id": "abc"}, None),
+    ],
+)
+def test_a_pinned_uri_names_exactly_the_version_and_path(uri: str, meta: dict[str, str], pinned: str | None) -> None:
+    from model_loader.sources.mlflow import pinned_model_uri
+
+    resolved = ResolvedModel(parse_ref(uri), "mlflow+http://m", "v", None, ResolvedModel.pack_metadata(meta))
+    assert pinned_model_uri(resolved) == pinned
+    if pinned is not None:
+        again = parse_ref(pinned)
+        assert again.uri == pinned
+        assert again.pinned

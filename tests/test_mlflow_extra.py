@@ -65,7 +65,7 @@ def _content_hash() -> str:
 @pytest.fixture(scope="module")
 def wheel(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The model-loader wheel of this checkout, built once per content."""
-    cache = request.config.cache
+    cache = getattr(request.config, "cache", None)  # absent with -p no:cacheprovider
     base = cache.mkdir("model-loader-wheel") if cache is not None else tmp_path_factory.mktemp("wheel")
     out = base / _content_hash()
     found = sorted(out.glob("model_loader-*.whl")) if out.is_dir() else []

@@ -13,6 +13,6 @@ stores nothing else serves, boto3 only for ``s3://`` artifact locations.
 
 from __future__ import annotations
 
-from model_loader.sources.mlflow._source import MlflowRegistrySource, MlflowRunsSource
+from model_loader.sources.mlflow._source import MlflowRegistrySource, MlflowRunsSource, pinned_model_uri
 
-__all__ = ["MlflowRegistrySource", "MlflowRunsSource"]
+__all__ = ["MlflowRegistrySource", "MlflowRunsSource", "pinned_model_uri"]

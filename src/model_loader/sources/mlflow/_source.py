@@ -31,6 +31,7 @@ from urllib.parse import urlsplit
 from model_loader._deadline import Deadline, FetchContext
 from model_loader._identity import normalise_url
 from model_loader._types import Manifest, ModelRef, ResolvedModel
+from model_loader._uri import parse_ref
 from model_loader.errors import InvalidReferenceError, MissingDependencyError, SourceError
 from model_loader.protocol import ModelSource, SourceCapabilities, SourceSettings
 from model_loader.sources.mlflow import _env
@@ -47,7 +48,7 @@ from model_loader.sources.mlflow._registry import (
 )
 from model_loader.sources.mlflow._stores import Stores, is_local
 
-__all__ = ["MlflowRegistrySource", "MlflowRunsSource"]
+__all__ = ["MlflowRegistrySource", "MlflowRunsSource", "pinned_model_uri"]
 
 logger = logging.getLogger("model_loader.sources.mlflow")
 
@@ -551,6 +552,29 @@ class MlflowRunsSource(_MlflowSource):
         }
         logger.debug("resolved %s to %s (%d files)", ref.uri, version, len(files))
         return ResolvedModel(ref, self.identity, version, files, ResolvedModel.pack_metadata(meta))
+
+
+def pinned_model_uri(resolved: ResolvedModel) -> str | None:
+    """A ``models:/`` URI naming exactly ``resolved``'s version (and the path inside it), for a
+    lock file; ``None`` where MLflow's syntax cannot name it (a model named with ``@``: its
+    ``models:/team@fraud/3`` would be read as alias ``fraud`` of ``team``).
+    """
+    ref = resolved.ref
+    if ref.scheme != "models":
+        return None
+    if ref.selector_kind in ("version", "logged_model"):
+        return ref.uri
+    meta = resolved.meta
+    name, version, sub = meta.get("name"), meta.get("version") or "", meta.get("path") or ""
+    if not name or not (version.isascii() and version.isdigit()):
+        return None
+    try:
+        pinned = parse_ref(f"models:/{name}/{version}" + (f"/{sub}" if sub else ""))
+    except InvalidReferenceError:
+        return None
+    if (pinned.location, pinned.selector, _sub_path(pinned)) != (name, version, sub):
+        return None
+    return pinned.uri
 
 
 def _warn_stage() -> None:
