@@ -70,8 +70,9 @@ def test_a_read_only_cache_serves_hits_and_offline_without_writing(tmp_path: Pat
         assert (hit.from_cache, read_tree(hit.path)) == (True, {"model.bin": b"weights"})
         with ResilientLoader([(store, ref)], config=fast_config(cache, offline=True)) as loader:
             assert loader.fetch().offline
-        with ResilientLoader([(store, other)], config=fast_config(cache)) as loader, pytest.raises(
-            CacheError, match="read-only"
+        with (
+            ResilientLoader([(store, other)], config=fast_config(cache)) as loader,
+            pytest.raises(CacheError, match="read-only"),
         ):
             loader.fetch()
         assert sorted(str(p.relative_to(cache)) for p in cache.rglob("*")) == before
