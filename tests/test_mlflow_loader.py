@@ -210,6 +210,37 @@ def test_sqlite_registry_through_mlflow_client(tmp_path: Path) -> None:
     assert not db.exists()  # never recreated empty behind the user's back
 
 
+def test_sqlite_tracking_runs_and_versions_whose_source_is_a_run(tmp_path: Path) -> None:
+    from mlflow import MlflowClient
+
+    from model_loader.sources.mlflow import MlflowRunsSource
+
+    uri = f"sqlite:///{tmp_path / 'track.db'}"
+    client = MlflowClient(tracking_uri=uri, registry_uri=uri)
+    exp = client.create_experiment("t", artifact_location=(tmp_path / "art").as_uri())
+    run = client.create_run(exp)
+    (tmp_path / "src" / "sub").mkdir(parents=True)
+    (tmp_path / "src" / "w.bin").write_bytes(b"w")
+    (tmp_path / "src" / "sub" / "c.txt").write_bytes(b"c")
+    client.log_artifacts(run.info.run_id, str(tmp_path / "src"), "model")
+    client.create_registered_model("r")
+    client.create_model_version("r", f"runs:/{run.info.run_id}/model", run_id=run.info.run_id)
+
+    runs = MlflowRunsSource(tracking_uri=uri, environ={})
+    resolved = runs.resolve(parse_ref(f"runs:/{run.info.run_id}/model/sub"))
+    assert [(f.path, f.size) for f in resolved.files or ()] == [("c.txt", 1)]
+    (tmp_path / "d").mkdir()
+    runs.fetch(resolved, tmp_path / "d")
+    assert read_tree(tmp_path / "d") == {"c.txt": b"c"}
+
+    models = MlflowRegistrySource(tracking_uri=uri, environ={})
+    resolved = models.resolve(parse_ref("models:/r/1/w.bin"))
+    assert resolved.version == "r/1/w.bin"
+    (tmp_path / "e").mkdir()
+    models.fetch(resolved, tmp_path / "e")
+    assert read_tree(tmp_path / "e") == {"w.bin": b"w"}
+
+
 @pytest.mark.parametrize(
     ("sub", "expected"),
     [("", {"sub/b.bin": b"bb"}), ("sub", {"b.bin": b"bb"}), ("sub/b.bin", {"b.bin": b"bb"})],
