@@ -29,7 +29,6 @@ from model_loader.errors import (
     AllSourcesFailedError,
     DeserializationError,
     IntegrityError,
-    MissingDependencyError,
     ModelLoaderError,
     SourceError,
     SourceUnavailableError,
@@ -73,7 +72,8 @@ def default_model_loader(path: Path) -> Any:
     """Deserialize with MLflow's pyfunc loader when ``path`` holds an ``MLmodel`` file.
 
     Raises:
-        MissingDependencyError: There is an MLmodel file but mlflow is not installed.
+        MissingDependencyError: There is an MLmodel file but a module it needs is missing
+            (mlflow itself, pandas, the flavor's library): the message names that module.
         DeserializationError: There is no MLmodel file: pass ``loader_fn``.
     """
     if not (path / "MLmodel").is_file():
@@ -81,14 +81,9 @@ def default_model_loader(path: Path) -> Any:
             f"{path} has no MLmodel file, so there is no default way to load it: "
             "pass loader_fn=... (a callable taking the model directory)"
         )
-    try:
-        import mlflow.pyfunc
-    except ImportError as exc:
-        raise MissingDependencyError(
-            f"loading an MLflow model needs mlflow ({exc}): pip install 'model-loader[mlflow]', or pass loader_fn=...",
-            extra="mlflow",
-        ) from exc
-    return mlflow.pyfunc.load_model(str(path))
+    from model_loader.sources.mlflow._pyfunc import load_pyfunc
+
+    return load_pyfunc(path)
 
 
 class _Load:
@@ -581,7 +576,11 @@ class ResilientLoader:
         for spec in self._specs:
             record = self.cache.read_ref(spec.source.identity, spec.ref.uri)
             if record is None:
-                notes.append(f"no last-known-good version of {spec.uri} (source {spec.source.identity})")
+                from model_loader._identity import describe_cached
+
+                roots = [t.root for t in self.cache.tiers] if isinstance(self.cache, TieredCache) else [self.cache.root]
+                held = describe_cached(roots, spec.ref, spec.source.identity)
+                notes.append(f"no last-known-good version of {spec.uri} (source {spec.source.identity}); {held}")
                 continue
             entry, problem = self.cache.get(record.key, deadline=load.deadline)
             if entry is None:

@@ -187,15 +187,10 @@ def pinned_uri(resolved: ResolvedModel) -> str | None:
     """A URI naming exactly ``resolved``'s version, where its source has one."""
     if resolved.ref.pinned:
         return resolved.ref.uri
-    meta = resolved.meta
-    if resolved.ref.scheme == "models" and meta.get("name") and (meta.get("version") or "").isdigit():
-        from model_loader._uri import parse_ref
+    if resolved.ref.scheme == "models":
+        from model_loader.sources.mlflow import pinned_model_uri
 
-        uri = f"models:/{meta['name']}/{meta['version']}"
-        try:
-            return parse_ref(uri).uri
-        except InvalidReferenceError:
-            return None  # a name this parser cannot express: only the moving reference is kept
+        return pinned_model_uri(resolved)
     return None
 
 
