@@ -190,6 +190,7 @@ def test_from_settings_builds_the_scheme_s_source_and_the_base_class_refuses() -
 def test_the_registry_builds_a_source_for_the_scheme(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     # what the pyproject entry point "memory = model_loader.sources.fsspec:MemoryFsSource" does
     monkeypatch.setattr(registry, "_registry", dict(registry._registry))
+    monkeypatch.setattr(registry, "_discovered", registry._discovered)  # discovery fills the copy: undo both
     registry.register_source("memory", "model_loader.sources.fsspec:MemoryFsSource", clobber=True)
     files = {"model.bin": b"reg"}
     model = memory_publish(f"/registry-{uuid.uuid4().hex[:8]}", files)
