@@ -103,7 +103,7 @@ def test_source_deadline_stops_retrying(tmp_path: Path) -> None:
         _time.sleep(s)
 
     cfg = fast_config(tmp_path / "c")
-    cfg = LoaderConfig(
+    cfg = LoaderConfig(  # the subject is the source deadline: attempts is set out of its way on purpose
         cache=cfg.cache,
         retry=RetryPolicy(attempts=100, initial_backoff=0.05, max_backoff=0.05, jitter=0.0, source_deadline=0.3),
     )
